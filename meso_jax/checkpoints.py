@@ -1,0 +1,154 @@
+"""orbax checkpoints: training state in a workdir, and exported models that carry their metadata.
+
+Layout: every checkpoint directory is an orbax ``CheckpointManager`` root whose steps hold the items
+``model`` (params + batch_stats), ``metadata`` (JSON: model name, input shape, preprocessing, label
+convention, flags, metrics) and, for training checkpoints only, ``train`` (optimizer state, step,
+rng, data position). A training ``--workdir`` keeps them in ``<workdir>/checkpoints``; an exported
+model (``checkpoints/meso4`` in this repository) is the same format with one step and no ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from meso_jax import models
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "meso4"
+LABEL_CONVENTION = "score = sigmoid(logit) = probability that the content is REAL (1 real, 0 fake)"
+WORKDIR_CHECKPOINTS = "checkpoints"
+BEST_METRIC = "val_auc"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (one-line message)."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to score: its registry name, Flax variables, preprocessing and metadata."""
+
+    model_name: str
+    variables: dict
+    preprocessing: dict
+    metadata: dict
+    source: str = ""
+
+
+def _manager_root(path: pathlib.Path) -> pathlib.Path:
+    return path / WORKDIR_CHECKPOINTS if (path / WORKDIR_CHECKPOINTS).is_dir() else path
+
+
+def open_manager(directory: str | os.PathLike, keep_last: int = 3, keep_best: int = 1,
+                 create: bool = True) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager keeping the last ``keep_last`` steps and the best by validation AUC."""
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        create=create,
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep_last),
+            policies.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=keep_best,
+                           keep_checkpoints_without_metrics=False),
+        ]),
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                                 item_names=("model", "train", "metadata"))
+
+
+def model_metadata(model_name: str, preprocessing: dict, extra: dict | None = None) -> dict:
+    """The metadata saved beside every checkpoint so that prediction needs no extra flags."""
+    spec = models.get_model(model_name)
+    return {
+        "model": model_name,
+        "input_shape": list(spec.input_shape),
+        "preprocessing": dict(preprocessing),
+        "label_convention": LABEL_CONVENTION,
+        **(extra or {}),
+    }
+
+
+def save_model(directory: str | os.PathLike, model_name: str, variables: dict, preprocessing: dict,
+               metadata: dict | None = None) -> None:
+    """Exports ``variables`` of ``model_name`` as a one-step orbax checkpoint with its metadata."""
+    directory = pathlib.Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise CheckpointError(f"{directory}: already exists and is not empty; choose a new directory")
+    model_variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    with open_manager(directory) as manager:
+        manager.save(0, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(jax.tree_util.tree_map(np.asarray, model_variables)),
+            metadata=ocp.args.JsonSave(model_metadata(model_name, preprocessing, metadata)),
+        ))
+
+
+def _restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+
+def best_step(manager: ocp.CheckpointManager) -> int:
+    """The step with the highest validation AUC in its metadata, else the latest step."""
+    steps = manager.all_steps()
+    if not steps:
+        raise CheckpointError(f"{manager.directory}: holds no checkpoint")
+    scored = []
+    for step in steps:
+        auc = _restore_metadata(manager, step).get("metrics", {}).get(BEST_METRIC)
+        if auc is not None:
+            scored.append((auc, step))
+    return max(scored)[1] if scored else max(steps)
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Loads an exported model directory or a training workdir (its best checkpoint)."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    root = _manager_root(path)
+    try:
+        with open_manager(root, create=False) as manager:
+            step = best_step(manager)
+            metadata = _restore_metadata(manager, step)
+            model_name = metadata.get("model")
+            if model_name not in models.MODEL_NAMES:
+                raise CheckpointError(
+                    f"{path}: checkpoint is for model {model_name!r}; this program knows {', '.join(models.MODEL_NAMES)}")
+            spec = models.get_model(model_name)
+            abstract = jax.eval_shape(lambda: models.init_variables(spec, 0))
+            abstract = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+            restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+    except CheckpointError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable meso-jax checkpoint ({first_line})") from None
+    variables = jax.tree_util.tree_map(np.asarray, restored["model"])
+    return LoadedModel(model_name, variables, metadata.get("preprocessing", {}), metadata,
+                       source=f"{path} (step {step})")
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores a full training checkpoint: (state shaped like ``abstract_state``, metadata)."""
+    restored = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(abstract_state["model"]),
+        train=ocp.args.StandardRestore(abstract_state["train"]),
+        metadata=ocp.args.JsonRestore(),
+    ))
+    return {"model": restored["model"], "train": restored["train"]}, restored["metadata"]
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, state_tree: dict, metadata: dict,
+                     metrics: dict | None = None) -> None:
+    """Saves one training checkpoint (``state_tree`` = {"model": ..., "train": ...})."""
+    manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(state_tree["model"]),
+        train=ocp.args.StandardSave(state_tree["train"]),
+        metadata=ocp.args.JsonSave(metadata),
+    ), metrics=metrics, force=True)

@@ -1,0 +1,168 @@
+"""The MesoNet family in Flax: Meso-4, MesoInception-4 and a 3D-conv clip model.
+
+All modules take images in [0, 1] (NHWC, or NTHWC for clips) and return LOGITS of shape (B,);
+the probability that the content is REAL is ``sigmoid(logits)`` (MesoNet's convention).
+BatchNorm uses Keras' defaults (epsilon 1e-3, momentum 0.99) so the authors' weights give the
+same outputs here as in Keras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+KERAS_BN_EPSILON = 1e-3
+KERAS_BN_MOMENTUM = 0.99
+LEAKY_RELU_SLOPE = 0.1
+DROPOUT_RATE = 0.5
+
+
+def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=KERAS_BN_MOMENTUM,
+        epsilon=KERAS_BN_EPSILON,
+        name=name,
+    )
+
+
+def _max_pool(x: jax.Array, pool: int) -> jax.Array:
+    window = (pool,) * (x.ndim - 2)
+    return nn.max_pool(x, window, strides=window, padding="SAME")
+
+
+class ConvBlock(nn.Module):
+    """conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool, as in MesoNet."""
+
+    features: int
+    kernel_size: int
+    pool: int
+
+    @nn.compact
+    def __call__(self, images_bhwc: jax.Array, train: bool) -> jax.Array:
+        x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), padding="SAME")(images_bhwc)
+        x = _batch_norm(train)(nn.relu(x))
+        return _max_pool(x, self.pool)
+
+
+class ClassifierHead(nn.Module):
+    """flatten -> [dropout] -> (Dense -> LeakyReLU 0.1 -> dropout) per hidden width -> Dense(1) logits."""
+
+    hidden_features: Sequence[int] = (16,)
+    input_dropout: bool = True
+
+    @nn.compact
+    def __call__(self, features: jax.Array, train: bool) -> jax.Array:
+        x = features.reshape((features.shape[0], -1))
+        if self.input_dropout:
+            x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(x)
+        for width in self.hidden_features:
+            x = nn.leaky_relu(nn.Dense(width)(x), LEAKY_RELU_SLOPE)
+            x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(x)
+        return nn.Dense(1)(x)[:, 0]
+
+
+class Meso4(nn.Module):
+    """Meso-4 (Afchar et al., WIFS 2018): 27,977 trainable parameters at 256x256x3."""
+
+    @nn.compact
+    def __call__(self, images_bhwc: jax.Array, train: bool = False) -> jax.Array:
+        x = ConvBlock(8, 3, 2)(images_bhwc, train)
+        x = ConvBlock(8, 5, 2)(x, train)
+        x = ConvBlock(16, 5, 2)(x, train)
+        x = ConvBlock(16, 5, 4)(x, train)
+        return ClassifierHead()(x, train)
+
+
+class InceptionBlock(nn.Module):
+    """MesoNet's inception layer: four ReLU branches (1x1; 1x1-3x3; 1x1-3x3 d2; 1x1-3x3 d3)."""
+
+    branch_features: tuple[int, int, int, int]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a, b, c, d = self.branch_features
+        branches = [nn.relu(nn.Conv(a, (1, 1), name="branch1_1x1")(x))]
+        for name, width, dilation in (("branch2", b, 1), ("branch3", c, 2), ("branch4", d, 3)):
+            y = nn.relu(nn.Conv(width, (1, 1), name=f"{name}_1x1")(x))
+            y = nn.Conv(width, (3, 3), padding="SAME", kernel_dilation=dilation, name=f"{name}_3x3")(y)
+            branches.append(nn.relu(y))
+        return jnp.concatenate(branches, axis=-1)
+
+
+class MesoInception4(nn.Module):
+    """MesoInception-4: 28,615 trainable parameters at 256x256x3."""
+
+    @nn.compact
+    def __call__(self, images_bhwc: jax.Array, train: bool = False) -> jax.Array:
+        x = images_bhwc
+        for features in ((1, 4, 4, 2), (2, 4, 4, 2)):
+            x = InceptionBlock(features)(x)
+            x = _max_pool(_batch_norm(train)(x), 2)
+        x = ConvBlock(16, 5, 2)(x, train)
+        x = ConvBlock(16, 5, 4)(x, train)
+        return ClassifierHead()(x, train)
+
+
+class Meso4Video(nn.Module):
+    """Clip model: four Conv3D 3x3x3 blocks (8, 16, 32, 32), global average pool, MLP head."""
+
+    @nn.compact
+    def __call__(self, clips_bthwc: jax.Array, train: bool = False) -> jax.Array:
+        x = clips_bthwc
+        for index, features in enumerate((8, 16, 32, 32)):
+            x = nn.Conv(features, (3, 3, 3), padding="SAME")(x)
+            x = _batch_norm(train)(nn.relu(x))
+            if index < 3:
+                x = _max_pool(x, 2)
+        x = jnp.mean(x, axis=(1, 2, 3))
+        return ClassifierHead(hidden_features=(64, 16), input_dropout=False)(x, train)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its Flax module and the shape of one input (no batch dimension)."""
+
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+
+    @property
+    def is_clip_model(self) -> bool:
+        """True when one input is a clip of frames rather than one image."""
+        return len(self.input_shape) == 4
+
+
+IMAGE_SIZE = 256
+CLIP_FRAMES = 24
+
+_REGISTRY: dict[str, ModelSpec] = {
+    "meso4": ModelSpec("meso4", Meso4(), (IMAGE_SIZE, IMAGE_SIZE, 3)),
+    "mesoinception4": ModelSpec("mesoinception4", MesoInception4(), (IMAGE_SIZE, IMAGE_SIZE, 3)),
+    "meso4_video": ModelSpec("meso4_video", Meso4Video(), (CLIP_FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3)),
+}
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def get_model(name: str) -> ModelSpec:
+    """Returns the registered model called ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
+
+
+def init_variables(spec: ModelSpec, seed: int) -> dict:
+    """Initialises ``{"params", "batch_stats"}`` for ``spec`` from an integer seed."""
+    dummy_input = jnp.zeros((1, *spec.input_shape), jnp.float32)
+    variables = jax.jit(lambda key: spec.module.init(key, dummy_input, train=False))(jax.random.key(seed))
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a pytree of arrays."""
+    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(tree))

@@ -1,0 +1,502 @@
+"""Training engine: a TrainState, pure jitted train/eval steps, and the epoch loop with orbax checkpoints.
+
+Every global batch is sharded over all devices along the ``data`` mesh axis while the state is
+replicated, so BatchNorm statistics and gradients are those of the global batch whatever the device
+count (XLA inserts the cross-device reductions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meso_jax import checkpoints, keras_import, metrics, models
+
+MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
+
+
+class TrainingError(Exception):
+    """A training run that cannot start or go on (one-line message)."""
+
+
+class TrainState(train_state.TrainState):
+    """params, optimizer state and step (from flax), plus BatchNorm statistics and the dropout key."""
+
+    batch_stats: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (the entry script fills it from flags)."""
+
+    model: str = "meso4"
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    schedule: str = "paper"  # paper (÷10 every 1,000 steps down to 1e-6) | cosine (warm-up + cosine) | constant
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    loss: str = "bce"  # bce (binary cross-entropy on logits) | mse (the paper's, on probabilities)
+    seed: int = 0
+    keras_weights: str | None = None
+    # Data (used by train_and_evaluate; fit() takes batches directly).
+    data_dir: str = ""
+    dataset: str = "image"  # image | video
+    val_fraction: float = 0.1
+    augment: bool = True
+    cache_dir: str | None = None
+    synthesize_fakes: str | None = None
+    preprocessing: dict = dataclasses.field(default_factory=dict)  # data_pipelines Preprocessing.to_dict()
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 3
+    log_every_steps: int = 50
+    progress_bar: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions: optimizer, state, loss, steps.
+
+
+def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """The learning-rate schedule named by ``config.schedule``."""
+    if config.schedule == "paper":
+        return optax.exponential_decay(config.learning_rate, transition_steps=1000, decay_rate=0.1,
+                                       staircase=True, end_value=min(1e-6, config.learning_rate))
+    if config.schedule == "cosine":
+        warmup = min(config.warmup_steps, max(total_steps - 1, 1))
+        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1),
+                                                  end_value=config.learning_rate * 1e-3)
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    raise ValueError(f"unknown schedule {config.schedule!r}; choose paper, cosine or constant")
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Adam (AdamW when weight decay is set) on the configured schedule."""
+    schedule = learning_rate_schedule(config, total_steps)
+    if config.weight_decay > 0:
+        return optax.adamw(schedule, weight_decay=config.weight_decay)
+    return optax.adam(schedule)
+
+
+def create_train_state(spec: models.ModelSpec, config: TrainConfig, total_steps: int,
+                       variables: dict | None = None) -> TrainState:
+    """A fresh TrainState, initialised from ``variables`` when given (e.g. imported Keras weights)."""
+    variables = variables or models.init_variables(spec, config.seed)
+    return TrainState.create(
+        apply_fn=spec.module.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=make_optimizer(config, total_steps),
+        rng=jax.random.PRNGKey(config.seed + 1),
+    )
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str) -> jax.Array:
+    """Binary cross-entropy on logits, or the paper's squared error on probabilities."""
+    if loss == "bce":
+        return optax.sigmoid_binary_cross_entropy(logits, labels)
+    if loss == "mse":
+        return jnp.square(jax.nn.sigmoid(logits) - labels)
+    raise ValueError(f"unknown loss {loss!r}; choose bce or mse")
+
+
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def train_step(state: TrainState, batch: dict, loss: str = "bce") -> tuple[TrainState, dict]:
+    """One optimizer step on ``batch`` = {"image", "label" (1 real), "weight"}; returns (state, metrics)."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        value = _weighted_mean(per_example_loss(logits, batch["label"], loss), batch["weight"])
+        return value, (logits, updates)
+
+    (loss_value, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    correct = ((logits >= 0) == (batch["label"] >= 0.5)).astype(jnp.float32)
+    return state, {"loss": loss_value, "accuracy": jnp.mean(correct)}
+
+
+def eval_step(state: TrainState, batch: dict, loss: str = "bce") -> dict:
+    """Inference-mode probabilities (real) and per-example losses for ``batch``."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    return {"score": jax.nn.sigmoid(logits), "loss": per_example_loss(logits, batch["label"], loss)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and sharding.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """A 1-D ``data`` mesh over every device of every process."""
+
+    mesh: Mesh
+
+    @classmethod
+    def create(cls) -> "DataParallel":
+        return cls(Mesh(np.asarray(jax.devices()), ("data",)))
+
+    @property
+    def device_count(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def batch_sharded(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec("data"))
+
+    def check_batch_size(self, global_batch_size: int) -> None:
+        """A clear error when the global batch does not split evenly over the devices."""
+        if global_batch_size % self.device_count:
+            raise TrainingError(f"batch size {global_batch_size} does not divide by the {self.device_count} devices; "
+                                f"use a multiple of {self.device_count}")
+
+    def shard_batch(self, local_batch: dict) -> dict:
+        """Builds global arrays, split along the batch axis, from this process's part of the batch."""
+        return {key: jax.make_array_from_process_local_data(self.batch_sharded, np.asarray(value))
+                for key, value in local_batch.items()}
+
+    def replicate(self, tree: Any) -> Any:
+        return jax.device_put(tree, self.replicated)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint trees.
+
+
+def state_to_tree(state: TrainState) -> dict:
+    """The checkpointed part of a TrainState, split into the ``model`` and ``train`` items."""
+    return {
+        "model": {"params": state.params, "batch_stats": state.batch_stats},
+        "train": {"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
+    }
+
+
+def tree_to_state(state: TrainState, tree: dict) -> TrainState:
+    """``state`` with the values of a restored checkpoint tree."""
+    return state.replace(params=tree["model"]["params"], batch_stats=tree["model"]["batch_stats"],
+                         opt_state=tree["train"]["opt_state"], step=tree["train"]["step"], rng=tree["train"]["rng"])
+
+
+def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None]) -> tuple[dict, dict, int] | None:
+    """Restores the newest readable checkpoint, warning about and skipping corrupted newer ones."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            tree, metadata = checkpoints.restore_train_state(manager, step, abstract_tree)
+            return tree, metadata, step
+        except Exception as error:  # orbax/tensorstore raise many types for a damaged checkpoint
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            log(f"warning: checkpoint at step {step} is unreadable ({reason[:200]}); trying the previous one")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+    """Fails before any work when the workdir cannot be written or its disk is nearly full."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise TrainingError(f"--workdir {workdir} is not writable: {error.strerror or error}") from None
+    free = shutil.disk_usage(workdir).free
+    if free < MIN_FREE_DISK_BYTES:
+        raise TrainingError(f"--workdir {workdir}: only {free // 2**20} MiB free on its disk; "
+                            f"need at least {MIN_FREE_DISK_BYTES // 2**20} MiB for checkpoints")
+
+
+class _EventLog:
+    """metrics.jsonl plus TensorBoard events in the workdir, written by process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.enabled = jax.process_index() == 0
+        self.jsonl_path = workdir / "metrics.jsonl"
+        self._summary_writer = None
+        if self.enabled:
+            import tensorflow as tf  # tf.summary only; JAX owns the accelerators
+            tf.config.set_visible_devices([], "GPU")
+            self._tf = tf
+            self._summary_writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+    def write(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.jsonl_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        with self._summary_writer.as_default(step=step):
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
+                    self._tf.summary.scalar(key, value)
+        self._summary_writer.flush()
+
+
+def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel, batch_size: int,
+             jitted_eval_step: Callable, video_level: bool = False) -> dict:
+    """Validation loss and metrics over ``batches``; partial batches are padded (weight 0) to one shape."""
+    scores, labels, losses, paths = [], [], [], []
+    for batch in batches:
+        count = len(batch["label"])
+        padded = {key: _pad_to(np.asarray(batch[key]), batch_size) for key in ("image", "label")}
+        output = jax.device_get(jitted_eval_step(state, parallel.shard_batch(padded)))
+        scores.append(output["score"][:count])
+        losses.append(output["loss"][:count])
+        labels.append(np.asarray(batch["label"])[:count])
+        if "path" in batch:
+            paths.extend(p.decode() if isinstance(p, bytes) else str(p) for p in np.asarray(batch["path"])[:count])
+    if not scores:
+        raise TrainingError("the validation split is empty")
+    scores_all, labels_all = np.concatenate(scores), np.concatenate(labels).round().astype(np.int64)
+    result = {"val_loss": float(np.mean(np.concatenate(losses)))}
+    result.update({f"val_{k}": v for k, v in metrics.binary_metrics(labels_all, scores_all).items()
+                   if k in ("auc", "accuracy", "balanced_accuracy", "eer", "average_precision")})
+    if video_level and paths:
+        per_video: dict[str, list[float]] = {}
+        video_labels: dict[str, int] = {}
+        for path, score, label in zip(paths, scores_all, labels_all):
+            per_video.setdefault(path, []).append(float(score))
+            video_labels[path] = int(label)
+        video_metrics = metrics.binary_metrics([video_labels[p] for p in per_video],
+                                               [float(np.mean(s)) for s in per_video.values()])
+        result["val_video_auc"] = video_metrics["auc"]
+    return result
+
+
+def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
+    if len(array) == size:
+        return array
+    padding = [(0, size - len(array))] + [(0, 0)] * (array.ndim - 1)
+    return np.pad(array, padding)
+
+
+def _log_to_stdout(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, run_metadata: dict,
+        epoch_batches: Callable[[int, int], Iterator[dict]], val_batches: Callable[[], Iterator[dict]],
+        log: Callable[[str], None] = _log_to_stdout) -> dict:
+    """Trains ``config.model`` for ``config.epochs`` epochs, checkpointing into ``workdir``.
+
+    ``epoch_batches(epoch, skip_steps)`` yields that epoch's training batches (numpy dicts) in a
+    deterministic order, skipping the first ``skip_steps`` (used on resume); ``val_batches()``
+    yields the validation batches. ``run_metadata`` (preprocessing, data description) is saved
+    with each checkpoint.
+    Returns the last epoch's metrics.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = models.get_model(config.model)
+    parallel = DataParallel.create()
+    parallel.check_batch_size(config.batch_size)
+    log(f"devices: {parallel.device_count} ({jax.devices()[0].platform}), hosts: {jax.process_count()}")
+
+    if steps_per_epoch < 1:
+        raise TrainingError(f"the training split has fewer examples than one batch of {config.batch_size}")
+    total_steps = steps_per_epoch * config.epochs
+
+    initial_variables = None
+    if config.keras_weights:
+        keras_model, initial_variables = keras_import.load_keras_weights(config.keras_weights)
+        if keras_model != config.model:
+            raise TrainingError(f"--keras_weights {config.keras_weights} holds {keras_model}, but --model={config.model}")
+        log(f"initialised from Keras weights {config.keras_weights}")
+    state = create_train_state(spec, config, total_steps, initial_variables)
+
+    manager = checkpoints.open_manager(workdir / checkpoints.WORKDIR_CHECKPOINTS, keep_last=config.keep_checkpoints)
+    abstract_tree = jax.tree_util.tree_map(np.asarray, state_to_tree(state))
+    restored = restore_latest_good(manager, abstract_tree, log) if manager.all_steps() else None
+    if restored is not None:
+        tree, saved_metadata, restored_step = restored
+        if saved_metadata.get("model") != config.model:
+            raise TrainingError(f"--workdir {workdir} holds a {saved_metadata.get('model')} run, not --model={config.model}")
+        state = tree_to_state(state, tree)
+        log(f"resumed from step {restored_step}")
+    state = parallel.replicate(state)
+    metadata_base = checkpoints.model_metadata(config.model, run_metadata.get("preprocessing", {}), {
+        "train_config": dataclasses.asdict(config), **run_metadata, "steps_per_epoch": steps_per_epoch,
+        "library_versions": library_versions()})
+
+    jitted_train_step = jax.jit(lambda s, b: train_step(s, b, config.loss), donate_argnums=0)
+    jitted_eval_step = jax.jit(lambda s, b: eval_step(s, b, config.loss))
+    events = _EventLog(workdir)
+    video_level = run_metadata.get("dataset") == "video"
+
+    def save(step: int, epoch_metrics: dict | None) -> None:
+        metadata = dict(metadata_base, step=step, metrics=epoch_metrics or {})
+        checkpoints.save_train_state(manager, step, jax.device_get(state_to_tree(state)), metadata,
+                                     metrics=epoch_metrics)
+
+    step = int(jax.device_get(state.step))
+    last_metrics: dict = {}
+    start_epoch = step // steps_per_epoch
+    if start_epoch >= config.epochs:
+        log(f"nothing to do: {workdir} already holds {start_epoch} epochs (--epochs={config.epochs})")
+    for epoch in range(start_epoch, config.epochs):
+        skip = step - epoch * steps_per_epoch
+        started = time.time()
+        loss_sum, accuracy_sum, counted = 0.0, 0.0, 0
+        progress = _progress(config, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}")
+        pending: list[dict] = []
+        for batch in epoch_batches(epoch, skip):
+            state, step_metrics = jitted_train_step(state, parallel.shard_batch(
+                {key: batch[key] for key in ("image", "label", "weight")}))
+            pending.append(step_metrics)
+            step += 1
+            if progress is not None:
+                progress.update(1)
+            if step % config.log_every_steps == 0 or step % steps_per_epoch == 0 or step % config.checkpoint_every_steps == 0:
+                values = jax.device_get(pending)
+                pending = []
+                losses = np.array([v["loss"] for v in values])
+                if not np.all(np.isfinite(losses)):
+                    raise TrainingError(f"loss became {losses[~np.isfinite(losses)][0]} at step {step}; "
+                                        f"stopped; the last good checkpoint is kept in {manager.directory}")
+                loss_sum += float(losses.sum())
+                accuracy_sum += float(sum(v["accuracy"] for v in values))
+                counted += len(values)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_sum / counted:.4f}", acc=f"{accuracy_sum / counted:.3f}")
+            if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
+                save(step, None)
+        if progress is not None:
+            progress.close()
+        train_seconds = time.time() - started
+        trained_steps = step - epoch * steps_per_epoch - skip
+        epoch_metrics = {
+            "epoch": epoch + 1, "step": step,
+            "train_loss": loss_sum / max(counted, 1), "train_accuracy": accuracy_sum / max(counted, 1),
+            "learning_rate": float(learning_rate_schedule(config, total_steps)(step)),
+            "train_images_per_second": trained_steps * config.batch_size / max(train_seconds, 1e-9),
+        }
+        epoch_metrics.update(evaluate(state, val_batches(), parallel, config.batch_size, jitted_eval_step, video_level))
+        epoch_metrics["seconds"] = time.time() - started
+        events.write(step, epoch_metrics)
+        save(step, epoch_metrics)
+        log(format_epoch(epoch_metrics))
+        last_metrics = epoch_metrics
+    manager.wait_until_finished()
+    manager.close()
+    return last_metrics
+
+
+def _progress(config: TrainConfig, total: int, initial: int, description: str):
+    if not config.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=description, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def format_epoch(epoch_metrics: dict) -> str:
+    """One log line for an epoch's metrics."""
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_video_auc", "val_eer")
+    parts = [f"{k}={epoch_metrics[k]:.4f}" for k in keys if isinstance(epoch_metrics.get(k), float)]
+    return (f"epoch {epoch_metrics['epoch']} step {epoch_metrics['step']}: " + " ".join(parts)
+            + f" ({epoch_metrics['train_images_per_second']:.0f} img/s, {epoch_metrics['seconds']:.0f} s)")
+
+
+def library_versions() -> dict:
+    """Versions of the libraries that define a checkpoint's numbers."""
+    import cv2
+    import optax as optax_module
+    import orbax.checkpoint as ocp
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax_module.__version__,
+            "orbax-checkpoint": ocp.__version__, "opencv": cv2.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0]}
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """Starts multi-host JAX when asked (flags, or the TPU/SLURM environment with no flags)."""
+    if coordinator_address or num_processes:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif any(name in os.environ for name in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) \
+            and os.environ.get("SLURM_NTASKS", "2") != "1":
+        jax.distributed.initialize()
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
+                       export_dir: str | os.PathLike | None = None, log: Callable[[str], None] = _log_to_stdout) -> dict:
+    """Trains on ``config.data_dir`` (see data_pipelines.input_pipeline) and optionally exports the best model.
+
+    With ``config.epochs == 0`` and Keras weights, only converts those weights to ``export_dir``.
+    """
+    from data_pipelines import input_pipeline
+    from data_pipelines.preprocessing import Preprocessing
+
+    if config.epochs == 0 and export_dir:
+        if not config.keras_weights:
+            raise TrainingError("--epochs=0 exports only with --keras_weights (nothing was trained)")
+        name = keras_import.convert_keras_weights(config.keras_weights, export_dir)
+        log(f"exported {name} from {config.keras_weights} to {export_dir}")
+        return {}
+
+    workdir = pathlib.Path(workdir)
+    check_workdir(workdir)
+    if export_dir and pathlib.Path(export_dir).exists() and any(pathlib.Path(export_dir).iterdir()):
+        raise TrainingError(f"--export_checkpoint {export_dir} already exists and is not empty")
+    spec = models.get_model(config.model)
+    prep = Preprocessing.from_dict(config.preprocessing)
+    processes = jax.process_count()
+    if config.batch_size % processes:
+        raise TrainingError(f"batch size {config.batch_size} does not divide by the {processes} hosts")
+    data = input_pipeline.create_datasets(
+        config.data_dir, config.dataset, prep, config.batch_size // processes, config.seed,
+        val_fraction=config.val_fraction, augment=config.augment,
+        cache_dir=config.cache_dir or str(workdir / "face_cache"), synthesize_fakes=config.synthesize_fakes,
+        clip_frames=spec.input_shape[0] if spec.is_clip_model else None,
+        num_shards=processes, shard_index=jax.process_index())
+    log(f"data: {data.train_count} training and {data.val_count} validation examples; "
+        f"classes {data.class_counts}; {len(data.skipped)} files skipped")
+    if data.skipped and jax.process_index() == 0:
+        skipped_path = workdir / "skipped_files.tsv"
+        skipped_path.write_text("".join(f"{path}\t{reason}\n" for path, reason in data.skipped))
+        log(f"the skipped files and why are listed in {skipped_path}")
+
+    def epoch_batches(epoch: int, skip_steps: int) -> Iterator[dict]:
+        return input_pipeline.train_dataset_for_epoch(data, epoch).skip(skip_steps).as_numpy_iterator()
+
+    run_metadata = {
+        "preprocessing": prep.to_dict(), "dataset": config.dataset,
+        "data": {"data_dir": os.path.abspath(config.data_dir), "train_count": data.train_count,
+                 "val_count": data.val_count, "class_counts": data.class_counts,
+                 "skipped_count": len(data.skipped)},
+    }
+    result = fit(config, workdir, data.steps_per_epoch, run_metadata, epoch_batches,
+                 lambda: data.val.as_numpy_iterator(), log)
+    if export_dir and jax.process_index() == 0:
+        best = checkpoints.load_model(workdir)
+        checkpoints.save_model(export_dir, best.model_name, best.variables, best.preprocessing,
+                               {k: v for k, v in best.metadata.items()
+                                if k not in ("model", "input_shape", "preprocessing", "label_convention")})
+        log(f"exported {best.source} to {export_dir}")
+    return result

@@ -1,0 +1,65 @@
+"""The networks are exactly the published ones: parameter counts, shapes, BatchNorm behaviour."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meso_jax import models
+
+
+def _abstract_variables(name: str) -> dict:
+    return jax.eval_shape(lambda: models.init_variables(models.get_model(name), 0))
+
+
+@pytest.mark.parametrize("name, trainable, batch_stats", [
+    ("meso4", 27_977, 96),
+    ("mesoinception4", 28_615, 110),
+    ("meso4_video", 49_009, 176),
+])
+def test_parameter_counts(name: str, trainable: int, batch_stats: int) -> None:
+    variables = _abstract_variables(name)
+    assert models.count_params(variables["params"]) == trainable
+    assert models.count_params(variables["batch_stats"]) == batch_stats
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_output_is_one_logit_per_input(name: str) -> None:
+    spec = models.get_model(name)
+    variables = _abstract_variables(name)
+    inputs = jax.ShapeDtypeStruct((3, *spec.input_shape), jnp.float32)
+    logits = jax.eval_shape(lambda v, x: spec.module.apply(v, x, train=False), variables, inputs)
+    assert logits.shape == (3,)
+    assert spec.is_clip_model == (name == "meso4_video")
+
+
+def test_meso4_layer_shapes_match_the_paper() -> None:
+    params = _abstract_variables("meso4")["params"]
+    kernels = [params[f"ConvBlock_{i}"]["Conv_0"]["kernel"].shape for i in range(4)]
+    assert kernels == [(3, 3, 3, 8), (5, 5, 8, 8), (5, 5, 8, 16), (5, 5, 16, 16)]
+    assert params["ClassifierHead_0"]["Dense_0"]["kernel"].shape == (8 * 8 * 16, 16)
+
+
+def test_unknown_model_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="meso4, mesoinception4, meso4_video"):
+        models.get_model("resnet")
+
+
+def test_batch_norm_updates_in_train_mode_only() -> None:
+    spec = models.get_model("meso4")
+    variables = models.init_variables(spec, seed=0)
+    images = jax.random.uniform(jax.random.key(1), (2, 256, 256, 3))
+    _, updates = spec.module.apply(variables, images, train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.key(2)})
+    before = variables["batch_stats"]["ConvBlock_0"]["BatchNorm_0"]["mean"]
+    after = updates["batch_stats"]["ConvBlock_0"]["BatchNorm_0"]["mean"]
+    assert not np.allclose(before, after)
+    # Keras momentum 0.99: the running mean moves 1% of the way to the batch mean.
+    np.testing.assert_array_less(np.abs(np.asarray(after)), 0.05)
+
+    eval_logits_1 = spec.module.apply(variables, images, train=False)
+    eval_logits_2 = spec.module.apply(variables, images[::-1], train=False)[::-1]
+    # In eval mode each image's score is independent of its batch (running statistics are used).
+    np.testing.assert_allclose(eval_logits_1, eval_logits_2, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,124 @@
+"""Training engine: learning, checkpoints, resume, divergence, export."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from meso_jax import checkpoints, models, train
+
+BATCH = 8
+STEPS_PER_EPOCH = 8
+
+
+def _synthetic_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real images have a brighter red channel: separable, but only by learning."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, count).astype(np.float32)
+    images = rng.uniform(0.0, 0.6, (count, 256, 256, 3)).astype(np.float32)
+    images[labels == 1, :, :, 0] += 0.3
+    return images, labels
+
+
+TRAIN_IMAGES, TRAIN_LABELS = _synthetic_split(BATCH * STEPS_PER_EPOCH, seed=0)
+VAL_IMAGES, VAL_LABELS = _synthetic_split(20, seed=1)
+
+
+def _epoch_batches(epoch: int, skip_steps: int):
+    order = np.random.default_rng(epoch).permutation(len(TRAIN_LABELS))
+    for step in range(skip_steps, STEPS_PER_EPOCH):
+        index = order[step * BATCH:(step + 1) * BATCH]
+        yield {"image": TRAIN_IMAGES[index], "label": TRAIN_LABELS[index], "weight": np.ones(BATCH, np.float32)}
+
+
+def _val_batches():
+    for start in range(0, len(VAL_LABELS), BATCH):  # the last batch is partial: padded inside evaluate()
+        yield {"image": VAL_IMAGES[start:start + BATCH], "label": VAL_LABELS[start:start + BATCH]}
+
+
+def _config(**overrides) -> train.TrainConfig:
+    settings = dict(batch_size=BATCH, schedule="constant", checkpoint_every_steps=20, log_every_steps=4,
+                    progress_bar=False)
+    settings.update(overrides)
+    return train.TrainConfig(**settings)
+
+
+def _fit(workdir, epochs: int, messages: list[str]) -> dict:
+    return train.fit(_config(epochs=epochs), workdir, STEPS_PER_EPOCH, {"preprocessing": {"resize": "nearest"}},
+                     _epoch_batches, _val_batches, log=messages.append)
+
+
+def test_training_separates_two_classes_and_resumes(tmp_path) -> None:
+    first_messages: list[str] = []
+    first = _fit(tmp_path, epochs=12, messages=first_messages)
+    assert "devices: 1" in first_messages[0]
+    assert first["step"] == 12 * STEPS_PER_EPOCH
+
+    second_messages: list[str] = []
+    final = _fit(tmp_path, epochs=25, messages=second_messages)
+    assert f"resumed from step {12 * STEPS_PER_EPOCH}" in second_messages
+    assert final["step"] == 25 * STEPS_PER_EPOCH  # the step count continues, 200 steps in all
+    assert final["train_loss"] < 0.3
+    assert final["val_accuracy"] > 0.9 and final["val_auc"] > 0.95
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 26))
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert list((tmp_path / "tensorboard").iterdir())
+
+    # The exported best checkpoint scores exactly like the variables it was trained to.
+    loaded = checkpoints.load_model(tmp_path)
+    assert loaded.model_name == "meso4" and loaded.metadata["metrics"]["val_auc"] > 0.95
+    export_dir = tmp_path / "exported"
+    checkpoints.save_model(export_dir, loaded.model_name, loaded.variables, loaded.preprocessing)
+    exported = checkpoints.load_model(export_dir)
+    module = models.get_model("meso4").module
+    np.testing.assert_array_equal(module.apply(loaded.variables, VAL_IMAGES[:4]),
+                                  module.apply(exported.variables, VAL_IMAGES[:4]))
+    assert exported.preprocessing == {"resize": "nearest"}
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
+    def poisoned_batches(epoch: int, skip_steps: int):
+        for step, batch in enumerate(_epoch_batches(epoch, skip_steps)):
+            if epoch == 1 and step == 2:
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            yield batch
+
+    with pytest.raises(train.TrainingError, match=r"loss became nan at step 12"):
+        train.fit(_config(epochs=3), tmp_path, STEPS_PER_EPOCH, {}, poisoned_batches, _val_batches, log=print)
+    manager = checkpoints.open_manager(tmp_path / "checkpoints", create=False)
+    assert manager.all_steps() == [STEPS_PER_EPOCH]
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(train.TrainingError, match="is not writable"):
+        train.check_workdir(blocker / "workdir")
+
+
+def test_batch_size_must_divide_by_device_count() -> None:
+    parallel = train.DataParallel.create()
+    parallel.check_batch_size(parallel.device_count * 4)
+    if parallel.device_count > 1:
+        with pytest.raises(train.TrainingError, match="does not divide"):
+            parallel.check_batch_size(parallel.device_count + 1)
+
+
+def test_schedules() -> None:
+    paper = train.learning_rate_schedule(_config(schedule="paper"), total_steps=10_000)
+    assert paper(0) == pytest.approx(1e-3) and paper(1_000) == pytest.approx(1e-4)
+    assert paper(2_999) == pytest.approx(1e-5) and paper(9_000) == pytest.approx(1e-6)
+    cosine = train.learning_rate_schedule(_config(schedule="cosine", warmup_steps=10), total_steps=100)
+    assert cosine(0) == 0 and cosine(10) == pytest.approx(1e-3) and cosine(100) < 1e-5
+
+
+def test_mse_loss_is_the_papers_squared_error() -> None:
+    logits = np.array([0.0, 2.0])
+    labels = np.array([1.0, 0.0])
+    expected = (jax.nn.sigmoid(logits) - labels) ** 2
+    np.testing.assert_allclose(train.per_example_loss(logits, labels, "mse"), expected, rtol=1e-6)

@@ -1,0 +1,79 @@
+"""Trains a MesoNet detector on a folder of real/fake images or videos.
+
+  python train_main.py --dataset=image --data_dir=DATA --workdir=runs/meso4
+
+DATA holds real/ and fake/ folders (or train/ and val/ splits holding them). Checkpoints,
+metrics.jsonl and TensorBoard events go to --workdir; running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+
+flags.DEFINE_enum("dataset", "image", ["image", "video"], "Train on images or on faces sampled from videos.")
+flags.DEFINE_string("data_dir", None, "Folder with real/ and fake/ (or train/ val/ splits holding them).")
+flags.DEFINE_string("workdir", None, "Where checkpoints and logs go; an existing run there is resumed.")
+flags.DEFINE_enum("model", "meso4", ["meso4", "mesoinception4", "meso4_video"], "Network to train.")
+flags.DEFINE_integer("epochs", 10, "Passes over the training split (0 with --export_checkpoint just exports).")
+flags.DEFINE_integer("batch_size", 32, "Global batch size (split over all devices).")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak Adam learning rate.")
+flags.DEFINE_enum("schedule", "paper", ["paper", "cosine", "constant"],
+                  "paper: ÷10 every 1,000 steps down to 1e-6; cosine: warm-up then cosine decay.")
+flags.DEFINE_integer("warmup_steps", 500, "Warm-up steps for --schedule=cosine.")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (AdamW) when > 0.")
+flags.DEFINE_enum("loss", "bce", ["bce", "mse"], "bce: cross-entropy on logits; mse: the paper's squared error.")
+flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order, augmentation and dropout.")
+flags.DEFINE_string("keras_weights", None, "Initialise from the authors' published .h5 weights.")
+flags.DEFINE_float("val_fraction", 0.1, "Validation share, split by source video, when DATA has no val/ split.")
+flags.DEFINE_bool("augment", True, "Training augmentation (rotation, shift, flip, brightness/contrast, JPEG).")
+flags.DEFINE_string("cache_dir", None, "Where extracted video faces are cached (default: <workdir>/face_cache).")
+flags.DEFINE_enum("synthesize_fakes", None, ["sbi"], "Add self-blended fakes made from the real faces.")
+flags.DEFINE_enum("resize", "nearest", ["nearest", "area", "bilinear"], "Resize rule to 256x256 (nearest = Keras).")
+flags.DEFINE_enum("face_detector", "haar", ["haar", "none"], "Face detector for videos (none: whole frames).")
+flags.DEFINE_integer("frames_per_video", 32, "Frames sampled evenly from each video.")
+flags.DEFINE_integer("checkpoint_every_steps", 500, "Save a checkpoint every N steps (and at every epoch end).")
+flags.DEFINE_integer("keep_checkpoints", 3, "How many of the latest checkpoints to keep (the best is kept too).")
+flags.DEFINE_string("export_checkpoint", None, "After training, export the best model to this new directory.")
+flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
+    exporting_only = FLAGS.epochs == 0 and FLAGS.export_checkpoint
+    if not exporting_only and not (FLAGS.data_dir and FLAGS.workdir):
+        raise app.UsageError("--data_dir and --workdir are required to train", exitcode=2)
+
+    from meso_jax import train  # after flag parsing, so --help stays fast
+    from data_pipelines.preprocessing import MediaError, Preprocessing
+
+    train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        preprocessing = Preprocessing(resize=FLAGS.resize, face_detector=FLAGS.face_detector,
+                                      frames_per_video=FLAGS.frames_per_video)
+        config = train.TrainConfig(
+            model=FLAGS.model, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+            learning_rate=FLAGS.learning_rate, schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
+            weight_decay=FLAGS.weight_decay, loss=FLAGS.loss, seed=FLAGS.seed, keras_weights=FLAGS.keras_weights,
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
+            progress_bar=FLAGS.progress, data_dir=FLAGS.data_dir or "", dataset=FLAGS.dataset,
+            val_fraction=FLAGS.val_fraction, augment=FLAGS.augment, cache_dir=FLAGS.cache_dir,
+            synthesize_fakes=FLAGS.synthesize_fakes, preprocessing=preprocessing.to_dict())
+        train.train_and_evaluate(config, FLAGS.workdir, export_dir=FLAGS.export_checkpoint)
+    except (train.TrainingError, MediaError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
