@@ -1,0 +1,294 @@
+"""tf.data input pipelines for training and validation, over image folders or cached video faces.
+
+Two sources feed the same batching code:
+  * images with ``face_detector="none"`` (pre-cropped faces) are decoded on the fly: the file list from
+    sources.py goes through tf.data, decoding with the shared OpenCV path inside tf.numpy_function;
+  * videos, and images that need face detection, are extracted once into the TFRecord face cache
+    (cache.py) and every epoch reads only the cache.
+Training elements: {"image": float32 (B, S, S, 3) or (B, T, S, S, 3), "label": float32 (B,) (1.0 = real),
+"weight": float32 (B,) class-balance weights}; validation elements add "path" (B,) strings.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines.augment import augment_images
+from data_pipelines.cache import CachedFile, build_face_cache, parse_record
+from data_pipelines.preprocessing import MediaError, Preprocessing, probe_image, read_image_rgb, resize_image
+from data_pipelines.samples import clip_starts
+from data_pipelines.sources import FAKE, REAL, LabelledFile, load_labelled_splits
+from data_pipelines.synthesize import self_blend
+
+AUTOTUNE = tf.data.AUTOTUNE
+SYNTHESIZERS = ("sbi",)
+FRAME_SHUFFLE_BUFFER = 2048
+CLIP_SHUFFLE_BUFFER = 32
+INTERLEAVE_FILES = 16
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Datasets and bookkeeping for one training run. ``train`` is epoch 0; see train_dataset_for_epoch."""
+
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    train_count: int
+    val_count: int
+    class_counts: dict
+    skipped: list[tuple[str, str]]
+    steps_per_epoch: int
+    make_train: Callable[[int], tf.data.Dataset] = dataclasses.field(default=None, repr=False)
+
+
+def train_dataset_for_epoch(data: TrainingData, epoch: int) -> tf.data.Dataset:
+    """The training pass of ``epoch``: order and augmentation are a deterministic function of (seed, epoch)."""
+    return data.make_train(epoch)
+
+
+def _element_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
+
+
+def _train_examples(images: np.ndarray, label: float, rng: np.random.Generator, augment: bool,
+                    synthesize_fakes: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """One sample -> stacked training examples: itself, plus its self-blended fake in "sbi" mode; augmented."""
+    examples = [(images, label)]
+    if synthesize_fakes == "sbi":
+        examples.append((self_blend(images, rng), FAKE))
+    if augment:
+        examples = [(augment_images(example, rng), example_label) for example, example_label in examples]
+    return (np.stack([example for example, _ in examples]),
+            np.array([example_label for _, example_label in examples], np.float32))
+
+
+def _class_weights(real_count: int, fake_count: int) -> tuple[float, float]:
+    """Weights making both classes count equally in the loss (1.0 for a class without samples)."""
+    total = real_count + fake_count
+    return (total / (2 * real_count) if real_count else 1.0, total / (2 * fake_count) if fake_count else 1.0)
+
+
+def _probe_images(files: list[LabelledFile]) -> tuple[list[LabelledFile], list[tuple[str, str]]]:
+    """Checks every image header in parallel (no pixel decoding): (usable files, skipped (path, reason))."""
+
+    def probe(labelled: LabelledFile) -> str | None:
+        try:
+            probe_image(labelled.path)
+        except MediaError as err:
+            return str(err)
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        errors = list(pool.map(probe, files))
+    usable = [f for f, error in zip(files, errors) if error is None]
+    skipped = [(f.path, error) for f, error in zip(files, errors) if error is not None]
+    return usable, skipped
+
+
+class _ImageFiles:
+    """On-the-fly source: one sample per image file, decoded with the shared OpenCV path."""
+
+    def __init__(self, files: list[LabelledFile], prep: Preprocessing):
+        self.files = files
+        self.prep = prep
+        self.element_shape = (prep.image_size, prep.image_size, 3)
+
+    def sample_counts(self) -> tuple[int, int]:
+        return sum(f.label == REAL for f in self.files), sum(f.label == FAKE for f in self.files)
+
+    def _load(self, path: bytes) -> np.ndarray:
+        """uint8 (1, S, S, 3), or (0, S, S, 3) when the file turns out unreadable (logged)."""
+        try:
+            return resize_image(read_image_rgb(path.decode()), self.prep)[None]
+        except MediaError as err:
+            logging.warning("skipping unreadable training file: %s", err)
+            return np.zeros((0,) + self.element_shape, np.uint8)
+
+    def samples(self, order: np.ndarray) -> tf.data.Dataset:
+        """(image uint8, label, path) per readable file, in ``order``."""
+        paths = tf.constant([self.files[i].path for i in order], tf.string)
+        labels = tf.constant([self.files[i].label for i in order], tf.float32)
+
+        def load(path, label):
+            images = tf.numpy_function(self._load, [path], tf.uint8, stateful=False)
+            images = tf.ensure_shape(images, (None,) + self.element_shape)
+            count = tf.shape(images)[0]
+            return images, tf.fill([count], label), tf.fill([count], path)
+
+        dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+        return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+
+
+class _CachedFaces:
+    """Cache source: the face crops of each file (or clips of ``clip_frames`` consecutive crops)."""
+
+    def __init__(self, files: list[CachedFile], prep: Preprocessing, clip_frames: int | None):
+        self.files = files
+        self.clip_frames = clip_frames
+        size = prep.image_size
+        self.element_shape = (clip_frames, size, size, 3) if clip_frames else (size, size, 3)
+
+    def _count(self, cached: CachedFile) -> int:
+        return len(clip_starts(cached.num_samples, self.clip_frames)) if self.clip_frames else cached.num_samples
+
+    def sample_counts(self) -> tuple[int, int]:
+        real = sum(self._count(f) for f in self.files if f.label == REAL)
+        fake = sum(self._count(f) for f in self.files if f.label == FAKE)
+        return real, fake
+
+    def _file_samples(self, record_path, label, path, num_samples) -> tf.data.Dataset:
+        records = tf.data.TFRecordDataset(record_path).map(parse_record)
+        if not self.clip_frames:
+            return records.map(lambda r: (r["image"], label, path))
+        all_faces = records.map(lambda r: r["image"]).batch(num_samples)
+        clips = all_faces.map(lambda faces: tf.gather(faces, clip_indices_tf(tf.shape(faces)[0], self.clip_frames)))
+        return clips.unbatch().map(lambda clip: (tf.ensure_shape(clip, self.element_shape), label, path))
+
+    def samples(self, order: np.ndarray, shuffle_seed: int | None = None) -> tf.data.Dataset:
+        """(image(s) uint8, label, path) per cached sample; files in ``order``, mixed when shuffle_seed is given."""
+        columns = (tf.constant([self.files[i].record_path for i in order], tf.string),
+                   tf.constant([self.files[i].label for i in order], tf.float32),
+                   tf.constant([self.files[i].path for i in order], tf.string),
+                   tf.constant([self.files[i].num_samples for i in order], tf.int64))
+        dataset = tf.data.Dataset.from_tensor_slices(columns)
+        if shuffle_seed is None:
+            return dataset.flat_map(self._file_samples)
+        dataset = dataset.interleave(self._file_samples, cycle_length=INTERLEAVE_FILES, block_length=1,
+                                     num_parallel_calls=AUTOTUNE, deterministic=True)
+        buffer = CLIP_SHUFFLE_BUFFER if self.clip_frames else FRAME_SHUFFLE_BUFFER
+        return dataset.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+
+
+def clip_indices_tf(num_samples: tf.Tensor, clip_frames: int) -> tf.Tensor:
+    """TensorFlow twin of samples.clip_indices: int (C, clip_frames) sample indices of each clip."""
+    n = tf.cast(num_samples, tf.float64)
+    frames = tf.constant(float(clip_frames), tf.float64)
+
+    def repeated():
+        return tf.cast(tf.round(tf.linspace(tf.constant(0.0, tf.float64), n - 1, clip_frames)), tf.int64)[None]
+
+    def windows():
+        num_clips = tf.cast(tf.math.ceil(n / frames), tf.int32)
+        starts = tf.cast(tf.round(tf.linspace(tf.constant(0.0, tf.float64), n - frames, num_clips)), tf.int64)
+        return starts[:, None] + tf.range(clip_frames, dtype=tf.int64)[None]
+
+    return tf.cond(num_samples < clip_frames, repeated, windows)
+
+
+def _to_float(images: tf.Tensor) -> tf.Tensor:
+    return tf.cast(images, tf.float32) / 255.0
+
+
+def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size: int, seed: int,
+                    val_fraction: float = 0.1, augment: bool = True, cache_dir: str | None = None,
+                    synthesize_fakes: str | None = None, clip_frames: int | None = None,
+                    num_shards: int = 1, shard_index: int = 0) -> TrainingData:
+    """Training and validation datasets for the labelled folder ``data_dir`` (see sources.py for layouts).
+
+    dataset: "image" or "video". Unreadable files (and files without a face) are skipped and listed in
+    ``skipped``. synthesize_fakes="sbi" trains on the real files plus one self-blended fake per real
+    sample (fake files in the training split are not used). clip_frames=T yields (T, S, S, 3) clips.
+    num_shards/shard_index give each host a disjoint, equally long part of every epoch and of val.
+    """
+    if dataset not in ("image", "video"):
+        raise ValueError(f"unknown dataset {dataset!r}; choose image or video")
+    if synthesize_fakes not in (None, *SYNTHESIZERS):
+        raise ValueError(f"unknown synthesize_fakes {synthesize_fakes!r}; choose one of {', '.join(SYNTHESIZERS)}")
+    if batch_size < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need batch_size >= 1 and 0 <= shard_index < num_shards, got {batch_size}, "
+                         f"{shard_index}, {num_shards}")
+    if clip_frames is not None and clip_frames < 1:
+        raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
+    splits = load_labelled_splits(data_dir, (dataset,), val_fraction, seed,
+                                  require_fakes=synthesize_fakes is None)
+    train_files = splits.train
+    if synthesize_fakes == "sbi":
+        unused = sum(f.label == FAKE for f in train_files)
+        train_files = [f for f in train_files if f.label == REAL]
+        logging.info("synthesize_fakes=sbi: training on %d real files and their self-blended fakes "
+                     "(%d fake files in the training split not used)", len(train_files), unused)
+
+    on_the_fly = dataset == "image" and prep.face_detector == "none" and clip_frames is None
+    if on_the_fly:
+        train_usable, skipped = _probe_images(train_files)
+        val_usable, val_skipped = _probe_images(splits.val)
+        train_source, val_source = _ImageFiles(train_usable, prep), _ImageFiles(val_usable, prep)
+    else:
+        cached, skipped, extracted = build_face_cache(train_files + splits.val, prep, cache_dir)
+        val_paths = {f.path for f in splits.val}
+        logging.info("face cache: %d files extracted now, %d reused, %d skipped", extracted,
+                     len(cached) + len(skipped) - extracted, len(skipped))
+        val_skipped = [s for s in skipped if s[0] in val_paths]
+        skipped = [s for s in skipped if s[0] not in val_paths]
+        train_source = _CachedFaces([f for f in cached if f.path not in val_paths], prep, clip_frames)
+        val_source = _CachedFaces([f for f in cached if f.path in val_paths], prep, clip_frames)
+    if skipped or val_skipped:
+        logging.warning("skipped %d unreadable training and %d validation files (first: %s)", len(skipped),
+                        len(val_skipped), (skipped + val_skipped)[0][1])
+
+    real_count, fake_count = train_source.sample_counts()
+    if synthesize_fakes == "sbi":
+        fake_count = real_count
+    if real_count == 0 or fake_count == 0:
+        raise ValueError(f"no usable {'real' if real_count == 0 else 'fake'} training samples in {data_dir} "
+                         f"({len(skipped)} files skipped)")
+    train_count = real_count + fake_count
+    real_weight, fake_weight = _class_weights(real_count, fake_count)
+    logging.info("train: %d real + %d fake samples, class weights real=%.3f fake=%.3f", real_count, fake_count,
+                 real_weight, fake_weight)
+    steps_per_epoch = (train_count // num_shards) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {train_count // num_shards} training "
+                         f"samples per shard")
+    element_shape = train_source.element_shape
+
+    def weight_of(label: tf.Tensor) -> tf.Tensor:
+        return tf.where(label > 0.5, real_weight, fake_weight)
+
+    def make_train(epoch: int) -> tf.data.Dataset:
+        order = np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(len(train_source.files))
+        if on_the_fly:
+            samples = train_source.samples(order)
+        else:
+            samples = train_source.samples(order, shuffle_seed=(seed & 0xFFFFFFFF) * 1009 + epoch)
+        samples = samples.enumerate().shard(num_shards, shard_index)
+
+        def transform(index, images, label):
+            return _train_examples(images, float(label), _element_rng(seed, epoch, int(index)), augment,
+                                   synthesize_fakes)
+
+        def to_examples(index, sample):
+            images, label, _ = sample
+            if not augment and synthesize_fakes is None:
+                return images[None], label[None]
+            examples, labels = tf.numpy_function(transform, [index, images, label], (tf.uint8, tf.float32),
+                                                 stateful=False)
+            return tf.ensure_shape(examples, (None,) + element_shape), tf.ensure_shape(labels, [None])
+
+        examples = samples.map(to_examples, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+        batches = examples.batch(batch_size, drop_remainder=True).take(steps_per_epoch)
+        batches = batches.map(lambda images, labels: {"image": _to_float(images), "label": labels,
+                                                      "weight": weight_of(labels)},
+                              num_parallel_calls=AUTOTUNE, deterministic=True)
+        return batches.prefetch(AUTOTUNE)
+
+    val_real, val_fake = val_source.sample_counts()
+    val_real_weight, val_fake_weight = _class_weights(val_real, val_fake)
+    val = val_source.samples(np.arange(len(val_source.files))).shard(num_shards, shard_index)
+    val = val.batch(batch_size, drop_remainder=False).map(
+        lambda images, labels, paths: {
+            "image": _to_float(images), "label": labels, "path": paths,
+            "weight": tf.where(labels > 0.5, val_real_weight, val_fake_weight)},
+        num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    logging.info("val: %d real + %d fake samples", val_real, val_fake)
+
+    return TrainingData(train=make_train(0), val=val, train_count=train_count, val_count=val_real + val_fake,
+                        class_counts={"real": real_count, "fake": fake_count},
+                        skipped=skipped + val_skipped, steps_per_epoch=steps_per_epoch, make_train=make_train)

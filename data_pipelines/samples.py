@@ -1,0 +1,117 @@
+"""The one path from a media file to model inputs, shared by training (videos), prediction and evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+import numpy as np
+
+from data_pipelines.faces import FaceDetector, crop_face, make_face_detector, reject_inconsistent_boxes
+from data_pipelines.preprocessing import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, Preprocessing,
+                                          media_kind, read_image_rgb, resize_image)
+from data_pipelines.video import sample_video_frames
+
+NO_FACE_MESSAGE = "no face found (use --face_detector=none for pre-cropped faces)"
+
+
+@dataclasses.dataclass
+class FaceCrops:
+    """uint8 crops before scaling to [0, 1] (what the training cache stores)."""
+
+    kind: str
+    crops_bhwc: np.ndarray  # uint8 (N, S, S, 3)
+    frame_indices: list[int]
+    frames_read: int
+
+
+@dataclasses.dataclass
+class Samples:
+    """Model inputs extracted from one file."""
+
+    kind: str  # "image" | "video"
+    inputs_bhwc: np.ndarray  # float32 (N, S, S, 3) in [0, 1]
+    frame_indices: list[int]  # [0] for images
+    frames_read: int
+
+
+_detectors_lock = threading.Lock()
+_detectors: dict[str, FaceDetector | None] = {}
+
+
+def _detector(name: str) -> FaceDetector | None:
+    """One shared detector per name (detectors are thread-safe)."""
+    with _detectors_lock:
+        if name not in _detectors:
+            _detectors[name] = make_face_detector(name)
+        return _detectors[name]
+
+
+def extract_face_crops(path: str | os.PathLike, prep: Preprocessing) -> FaceCrops:
+    """Decodes ``path``, finds faces (unless prep.face_detector == "none") and resizes: uint8 crops.
+
+    Raises MediaError for any problem with the file, including "no face".
+    """
+    path = os.fspath(path)
+    kind = media_kind(path)
+    detector = _detector(prep.face_detector)
+    if kind == "image":
+        image_rgb = read_image_rgb(path)
+        if detector is not None:
+            box = detector.detect(image_rgb)
+            if box is None:
+                raise MediaError(f"{path}: {NO_FACE_MESSAGE}")
+            image_rgb = crop_face(image_rgb, box, prep.face_margin)
+        return FaceCrops("image", resize_image(image_rgb, prep)[None], [0], 1)
+    if kind == "video":
+        frames = sample_video_frames(path, prep.frames_per_video)
+        if detector is None:
+            crops = [(index, frame) for index, frame in frames]
+        else:
+            boxes = reject_inconsistent_boxes([detector.detect(frame) for _, frame in frames])
+            crops = [(index, crop_face(frame, box, prep.face_margin))
+                     for (index, frame), box in zip(frames, boxes) if box is not None]
+        if not crops:
+            raise MediaError(f"{path}: {NO_FACE_MESSAGE} in any of {len(frames)} sampled frames")
+        return FaceCrops("video", np.stack([resize_image(crop, prep) for _, crop in crops]),
+                         [index for index, _ in crops], len(frames))
+    extension = os.path.splitext(path)[1] or "(no extension)"
+    raise MediaError(f"{path}: unsupported file type {extension}; "
+                     f"images: {' '.join(IMAGE_EXTENSIONS)}; videos: {' '.join(VIDEO_EXTENSIONS)}")
+
+
+def extract_samples(path: str | os.PathLike, prep: Preprocessing) -> Samples:
+    """Model inputs for one file: float32 (N, S, S, 3) in [0, 1]; raises MediaError for bad files."""
+    crops = extract_face_crops(path, prep)
+    inputs = crops.crops_bhwc.astype(np.float32) / np.float32(255.0)
+    return Samples(crops.kind, inputs, crops.frame_indices, crops.frames_read)
+
+
+def clip_starts(num_samples: int, clip_frames: int) -> list[int]:
+    """Start offsets of the clips cut from ``num_samples`` consecutive samples (see make_clips)."""
+    if num_samples < 1:
+        return []
+    if num_samples <= clip_frames:
+        return [0]
+    num_clips = -(-num_samples // clip_frames)
+    return np.linspace(0, num_samples - clip_frames, num_clips).round().astype(int).tolist()
+
+
+def clip_indices(num_samples: int, clip_frames: int) -> np.ndarray:
+    """int (C, clip_frames) sample indices of each clip.
+
+    Enough clips of ``clip_frames`` consecutive samples to cover all samples (evenly spaced, possibly
+    overlapping); fewer samples than ``clip_frames`` give one clip that repeats samples evenly.
+    """
+    if num_samples < clip_frames:
+        return np.linspace(0, num_samples - 1, clip_frames).round().astype(np.int64)[None]
+    starts = np.array(clip_starts(num_samples, clip_frames), dtype=np.int64)
+    return starts[:, None] + np.arange(clip_frames, dtype=np.int64)[None]
+
+
+def make_clips(inputs_bhwc: np.ndarray, clip_frames: int) -> np.ndarray:
+    """(N, S, S, 3) samples of one video -> (C, clip_frames, S, S, 3) clips for the clip model."""
+    if len(inputs_bhwc) == 0:
+        raise ValueError("make_clips needs at least one sample")
+    return inputs_bhwc[clip_indices(len(inputs_bhwc), clip_frames)]

@@ -1,0 +1,398 @@
+"""Scanning files and folders with a MesoNet model: the library behind predict_main.py.
+
+Decoding, frame sampling and face detection run in a thread pool while the main thread feeds the
+model full batches that mix samples of several files. Records come out in the order the files were
+given (sorted for a folder), each as soon as that file and every file before it has been scored.
+A file that cannot be scored (unreadable, corrupt, no face) yields a record with ``error`` set.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import os
+import sys
+from typing import Callable, Iterable, Iterator, Protocol, TextIO
+
+import numpy as np
+import tqdm
+
+from data_pipelines import samples as samples_lib
+from data_pipelines import sources
+from data_pipelines.preprocessing import MediaError, Preprocessing, media_kind
+from meso_jax import scoring
+
+OUTPUT_FORMATS = ("text", "json", "csv")
+DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+# Certainty bands: how far the score lies from the threshold, as a share of the way from the
+# threshold to 0 (fake) or 1 (real). At threshold 0.5 the bands are |score - 0.5| >= 0.4, >= 0.25, >= 0.1.
+CERTAINTY_BANDS = ((0.8, "very confident"), (0.5, "confident"), (0.2, "fairly confident"), (0.0, "uncertain"))
+
+
+def verdict(score: float, threshold: float) -> str:
+    """"real" when ``score`` (probability real) >= ``threshold``, else "fake"."""
+    return "real" if score >= threshold else "fake"
+
+
+def certainty(score: float, threshold: float) -> str:
+    """The certainty band of ``score``: very confident, confident, fairly confident or uncertain."""
+    if score >= threshold:
+        distance = (score - threshold) / (1.0 - threshold) if threshold < 1.0 else 1.0
+    else:
+        distance = (threshold - score) / threshold
+    # Rounding keeps band edges exact in decimal (0.9 - 0.5 is 0.4 to the user, not 0.3999...).
+    distance = round(distance, 9)
+    return next(word for bound, word in CERTAINTY_BANDS if distance >= bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanOptions:
+    """How to score and aggregate. A limit of None means no limit; 0 skips that kind of file."""
+
+    threshold: float = 0.5
+    aggregate: str = "mean"
+    per_frame: bool = False
+    image_limit: int | None = None
+    video_limit: int | None = None
+    workers: int = DEFAULT_WORKERS
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.aggregate not in scoring.AGGREGATIONS:
+            raise ValueError(f"unknown aggregate {self.aggregate!r}; choose one of {', '.join(scoring.AGGREGATIONS)}")
+        for name in ("image_limit", "video_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+@dataclasses.dataclass
+class ScanRecord:
+    """The result for one file. ``score`` is the probability the content is real (None on error);
+    with the vote aggregate, a video's score is the share of its frames judged real.
+    kind: image | video ("unknown" for a file named explicitly whose extension is neither).
+
+    frames: frames read (1 for an image); faces: samples the model scored (face crops, or whole
+    frames with face_detector=none). frame_indices/frame_scores: per sample (per clip for a clip
+    model, indexed by the clip's first frame).
+    """
+
+    path: str
+    kind: str
+    score: float | None = None
+    label: str | None = None
+    certainty: str | None = None
+    frames: int = 0
+    faces: int = 0
+    error: str | None = None
+    frame_indices: list[int] = dataclasses.field(default_factory=list)
+    frame_scores: list[float] = dataclasses.field(default_factory=list)
+
+    def to_json_dict(self, per_frame: bool) -> dict:
+        """The record as a JSON-ready dict; frame scores only when ``per_frame``."""
+        result = {"path": self.path, "kind": self.kind, "score": self.score, "label": self.label,
+                  "certainty": self.certainty, "frames": self.frames, "faces": self.faces, "error": self.error}
+        if per_frame:
+            result["frame_scores"] = [{"frame": index, "score": score}
+                                      for index, score in zip(self.frame_indices, self.frame_scores)]
+        return result
+
+
+@dataclasses.dataclass
+class ScanSummary:
+    """Counts over a scan."""
+
+    real: int = 0
+    fake: int = 0
+    errors: int = 0
+
+    @property
+    def files(self) -> int:
+        """Number of files the scan produced a record for."""
+        return self.real + self.fake + self.errors
+
+    def add(self, record: ScanRecord) -> None:
+        """Counts one record."""
+        if record.error is not None:
+            self.errors += 1
+        elif record.label == "real":
+            self.real += 1
+        else:
+            self.fake += 1
+
+    def describe(self) -> str:
+        """One line for the user, e.g. "scanned 5 files: 2 real, 2 fake, 1 error"."""
+        errors = f"{self.errors} error" + ("" if self.errors == 1 else "s")
+        files = f"{self.files} file" + ("" if self.files == 1 else "s")
+        return f"scanned {files}: {self.real} real, {self.fake} fake, {errors}"
+
+
+class RecordWriter(Protocol):
+    """Writes scan records somewhere as they arrive."""
+
+    def write(self, record: ScanRecord) -> None:
+        """Writes one record and flushes it."""
+
+
+class TextRecordWriter:
+    """Aligned lines for people: score, verdict with certainty, kind, faces/frames, path."""
+
+    def __init__(self, stream: TextIO, per_frame: bool, threshold: float):
+        self._stream = stream
+        self._per_frame = per_frame
+        self._threshold = threshold
+        self._line("score", "verdict", "kind", "faces", "file")
+
+    def _line(self, score: str, verdict: str, kind: str, faces: str, path: str) -> None:
+        self._stream.write(f"{score:>6}  {verdict:<23}  {kind:<7}  {faces:>7}  {path}\n")
+
+    def write(self, record: ScanRecord) -> None:
+        """Writes one record (and its frame scores when asked) and flushes."""
+        if record.error is not None:
+            self._line("-", "error", record.kind, "-", f"{record.path}  ({record.error})")
+        else:
+            self._line(f"{record.score:.4f}", f"{record.label} ({record.certainty})", record.kind,
+                       f"{record.faces}/{record.frames}", record.path)
+            if self._per_frame and record.kind == "video":
+                for index, score in zip(record.frame_indices, record.frame_scores):
+                    self._stream.write(f"{'':>6}    frame {index:>6}: {score:.4f} {verdict(score, self._threshold)}\n")
+        self._stream.flush()
+
+
+class JsonLinesRecordWriter:
+    """One JSON object per line and file."""
+
+    def __init__(self, stream: TextIO, per_frame: bool):
+        self._stream = stream
+        self._per_frame = per_frame
+
+    def write(self, record: ScanRecord) -> None:
+        """Writes one record as a JSON line and flushes."""
+        self._stream.write(json.dumps(record.to_json_dict(self._per_frame), ensure_ascii=False) + "\n")
+        self._stream.flush()
+
+
+class CsvRecordWriter:
+    """CSV with a header; frame scores (when asked) as "frame:score" pairs joined by ";".
+
+    With ``true_labels`` (path -> "real" | "fake", for evaluation) a true_label column follows the path.
+    """
+
+    COLUMNS = ("path", "kind", "score", "label", "certainty", "frames", "faces", "error")
+
+    def __init__(self, stream: TextIO, per_frame: bool, true_labels: dict[str, str] | None = None):
+        self._stream = stream
+        self._per_frame = per_frame
+        self._true_labels = true_labels
+        self._writer = csv.writer(stream, lineterminator="\n")
+        header = list(self.COLUMNS)
+        if true_labels is not None:
+            header.insert(1, "true_label")
+        self._writer.writerow(header + (["frame_scores"] if per_frame else []))
+        stream.flush()
+
+    def write(self, record: ScanRecord) -> None:
+        """Writes one CSV row and flushes."""
+        values = record.to_json_dict(per_frame=False)
+        row = ["" if values[column] is None else values[column] for column in self.COLUMNS]
+        if self._true_labels is not None:
+            row.insert(1, self._true_labels[record.path])
+        if self._per_frame:
+            row.append(";".join(f"{index}:{score:.6f}"
+                                for index, score in zip(record.frame_indices, record.frame_scores)))
+        self._writer.writerow(row)
+        self._stream.flush()
+
+
+def make_writer(output_format: str, stream: TextIO, per_frame: bool, threshold: float) -> RecordWriter:
+    """The record writer for ``output_format`` (text | json | csv)."""
+    if output_format == "text":
+        return TextRecordWriter(stream, per_frame, threshold)
+    if output_format == "json":
+        return JsonLinesRecordWriter(stream, per_frame)
+    if output_format == "csv":
+        return CsvRecordWriter(stream, per_frame)
+    raise ValueError(f"unknown format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+
+
+def select_media(path: str, image_limit: int | None = None, video_limit: int | None = None) -> Iterator[str]:
+    """Media files under ``path`` (a file or folder, recursively, sorted), at most ``image_limit``
+    images and ``video_limit`` videos (None: no limit). Stops walking once both limits are reached.
+    """
+    limits = {"image": image_limit, "video": video_limit}
+    kinds = tuple(kind for kind, limit in limits.items() if limit != 0)
+    if not kinds:
+        return
+    taken = {"image": 0, "video": 0}
+    for media_path in sources.find_media(path, kinds=kinds):
+        kind = media_kind(media_path)
+        if kind is None:  # a file named explicitly: reading it reports the unsupported type
+            yield media_path
+            continue
+        limit = limits[kind]
+        if limit is not None and taken[kind] >= limit:
+            if all(limits[k] is not None and taken[k] >= limits[k] for k in kinds):
+                return
+            continue
+        taken[kind] += 1
+        yield media_path
+
+
+def _error_reason(error: MediaError, path: str) -> str:
+    """The error message without the leading "<path>: ", since the record carries the path."""
+    message = str(error)
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+@dataclasses.dataclass
+class _PreparedFile:
+    """A file between extraction and its record: model inputs and the scores filled in so far."""
+
+    record: ScanRecord
+    model_inputs: np.ndarray | None = None
+    input_frame_indices: list[int] = dataclasses.field(default_factory=list)
+    scores: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def pending_inputs(self) -> int:
+        """Inputs not yet scored."""
+        return 0 if self.model_inputs is None else self.model_inputs.shape[0] - len(self.scores)
+
+
+def _prepare_file(path: str, prep: Preprocessing, clip_frames: int | None) -> _PreparedFile:
+    """Worker-thread part: decode, sample, find faces and build the model inputs of one file."""
+    record = ScanRecord(path=path, kind=media_kind(path) or "unknown")
+    if clip_frames is not None and record.kind == "image":
+        record.error = "this model scores videos only (it is a clip model); use an image model for images"
+        return _PreparedFile(record)
+    try:
+        file_samples = samples_lib.extract_samples(path, prep)
+    except MediaError as error:
+        record.error = _error_reason(error, path)
+        return _PreparedFile(record)
+    record.frames = file_samples.frames_read
+    record.faces = len(file_samples.frame_indices)
+    if clip_frames is None:
+        return _PreparedFile(record, file_samples.inputs_bhwc, list(file_samples.frame_indices))
+    clip_sample_indices = samples_lib.clip_indices(record.faces, clip_frames)
+    first_frames = [file_samples.frame_indices[clip[0]] for clip in clip_sample_indices]
+    return _PreparedFile(record, file_samples.inputs_bhwc[clip_sample_indices], first_frames)
+
+
+def _finish(prepared: _PreparedFile, options: ScanOptions) -> ScanRecord:
+    """Fills in the record's score, verdict and frame scores from the scored inputs."""
+    record = prepared.record
+    if record.error is None:
+        record.score = scoring.aggregate_scores(prepared.scores, options.aggregate, options.threshold)
+        record.label = verdict(record.score, options.threshold)
+        record.certainty = certainty(record.score, options.threshold)
+        record.frame_indices = prepared.input_frame_indices
+        record.frame_scores = list(prepared.scores)
+    return record
+
+
+def scan_files(paths: Iterable[str], scorer: scoring.Scorer, prep: Preprocessing, options: ScanOptions,
+               on_record: Callable[[ScanRecord], None], progress: bool = False) -> ScanSummary:
+    """Scores every file in ``paths``, calling ``on_record`` once per file, in order.
+
+    ``progress`` shows a tqdm bar on stderr. Returns the counts of real, fake and failed files.
+    """
+    paths = list(paths)
+    clip_frames = scorer.input_shape[0] if len(scorer.input_shape) == 4 else None
+    summary = ScanSummary()
+    waiting: collections.deque[_PreparedFile] = collections.deque()  # in path order
+    unscored: collections.deque[_PreparedFile] = collections.deque()  # files with inputs left to score
+    bar = tqdm.tqdm(total=len(paths), unit="file", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+    def emit_finished() -> None:
+        while waiting and waiting[0].pending_inputs == 0:
+            record = _finish(waiting.popleft(), options)
+            summary.add(record)
+            with tqdm.tqdm.external_write_mode(file=sys.stdout):
+                on_record(record)
+            bar.update(1)
+
+    def score_one_batch() -> None:
+        parts, owners = [], []
+        room = scorer.batch_size
+        while unscored and room:
+            prepared = unscored[0]
+            start = len(prepared.scores)  # a file is split across batches only at a batch's end
+            take = min(room, prepared.model_inputs.shape[0] - start)
+            parts.append(prepared.model_inputs[start:start + take])
+            owners.append(prepared)
+            room -= take
+            if start + take == prepared.model_inputs.shape[0]:
+                unscored.popleft()
+        batch_scores = scorer.score_batch(np.concatenate(parts))
+        offset = 0
+        for owner, part in zip(owners, parts):
+            owner.scores.extend(float(s) for s in batch_scores[offset:offset + len(part)])
+            offset += len(part)
+
+    def inputs_waiting() -> int:
+        return sum(prepared.pending_inputs for prepared in unscored)
+
+    in_flight_limit = 4 * options.workers
+    path_iterator = iter(paths)
+    pool = concurrent.futures.ThreadPoolExecutor(options.workers, thread_name_prefix="extract")
+    futures: collections.deque[concurrent.futures.Future] = collections.deque()
+
+    def refill() -> None:
+        while len(futures) < in_flight_limit:
+            path = next(path_iterator, None)
+            if path is None:
+                return
+            futures.append(pool.submit(_prepare_file, path, prep, clip_frames))
+
+    try:
+        refill()
+        while futures:
+            prepared = futures.popleft().result()
+            refill()
+            waiting.append(prepared)
+            if prepared.pending_inputs:
+                unscored.append(prepared)
+            while inputs_waiting() >= scorer.batch_size:
+                score_one_batch()
+            emit_finished()
+        while unscored:
+            score_one_batch()
+        emit_finished()
+    finally:
+        # On an interrupt, files not yet started are dropped instead of decoded for nothing.
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return summary
+
+
+def load_scanner(checkpoint: str | None, keras_weights: str | None, face_detector: str | None,
+                 frames_per_video: int | None, batch_size: int) -> tuple[scoring.Scorer, Preprocessing]:
+    """The scorer and preprocessing for a model source (see scoring.load_model_source).
+
+    The model's own preprocessing applies, except ``face_detector`` / ``frames_per_video`` when given.
+    Raises scoring.ModelSourceError (one line) when the model cannot be loaded.
+    """
+    loaded_model = scoring.load_model_source(checkpoint, keras_weights)
+    overrides = {"face_detector": face_detector, "frames_per_video": frames_per_video}
+    prep = dataclasses.replace(Preprocessing.from_dict(loaded_model.preprocessing),
+                               **{name: value for name, value in overrides.items() if value is not None})
+    scorer = scoring.Scorer(loaded_model, batch_size)
+    if prep.image_size != scorer.input_shape[-2]:
+        raise scoring.ModelSourceError(f"{scorer.model_source}: preprocessing image_size {prep.image_size} does not "
+                                       f"match the model's input {scorer.input_shape}")
+    return scorer, prep
+
+
+def scan(path: str, scorer: scoring.Scorer, prep: Preprocessing, options: ScanOptions,
+         writer: RecordWriter, progress: bool = False) -> ScanSummary:
+    """Scans a file or a folder (recursively, sorted) within the options' limits, writing each record."""
+    return scan_files(select_media(path, options.image_limit, options.video_limit), scorer, prep, options,
+                      writer.write, progress)

@@ -1,0 +1,127 @@
+"""Batched scoring with a loaded MesoNet model, and per-video aggregation of frame scores.
+
+A Scorer holds one jit-compiled function of a fixed batch shape: every batch, the last partial one
+included, is padded to ``batch_size`` rows, so a scan compiles once and a file's score does not
+depend on which other files shared its batch. With several devices the batch is split across them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from data_pipelines.preprocessing import Preprocessing
+from meso_jax import checkpoints, models
+
+AGGREGATIONS = ("mean", "vote")
+
+
+class ModelSourceError(Exception):
+    """No usable model at the place the user named (one-line message)."""
+
+
+def enable_compilation_cache() -> str:
+    """Turns on JAX's persistent compilation cache under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/jax.
+
+    Returns the cache directory. Entry scripts call this once so a repeat scan skips the XLA compile.
+    """
+    cache_root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache_dir = os.path.join(cache_root, "meso_jax", "jax")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return cache_dir
+
+
+def load_model_source(checkpoint: str | None = None, keras_weights: str | None = None) -> checkpoints.LoadedModel:
+    """Loads the model to score with: an orbax checkpoint or training workdir, the authors' Keras .h5
+    weights (with default preprocessing), or, when neither is given, the model shipped in checkpoints/.
+
+    Raises ModelSourceError (one line) when the source is missing or unusable.
+    """
+    if checkpoint and keras_weights:
+        raise ModelSourceError("give either --checkpoint or --keras_weights, not both")
+    if keras_weights:
+        # pylint: disable-next=import-outside-toplevel  (h5py is only needed for Keras weights)
+        from meso_jax.keras_import import KerasWeightsError, load_keras_weights
+        if not os.path.isfile(keras_weights):
+            raise ModelSourceError(f"{keras_weights}: no such weight file")
+        try:
+            model_name, variables = load_keras_weights(keras_weights)
+        except KerasWeightsError as error:
+            raise ModelSourceError(str(error)) from None
+        return checkpoints.LoadedModel(model_name=model_name, variables=variables,
+                                       preprocessing=Preprocessing().to_dict(), metadata={},
+                                       source=f"{os.path.abspath(keras_weights)} (Keras weights)")
+    model_dir = checkpoint or checkpoints.DEFAULT_MODEL_DIR
+    if not os.path.exists(model_dir):
+        if checkpoint:
+            raise ModelSourceError(f"{checkpoint}: no such checkpoint directory")
+        raise ModelSourceError(f"no shipped model at {model_dir}; pass --checkpoint=DIR or --keras_weights=FILE.h5")
+    try:
+        return checkpoints.load_model(model_dir)
+    except checkpoints.CheckpointError as error:
+        raise ModelSourceError(str(error)) from None
+
+
+def aggregate_scores(frame_scores: Sequence[float] | np.ndarray, method: str, threshold: float) -> float:
+    """One score for a video from its frame (or clip) scores.
+
+    mean: the mean probability real. vote: MesoNet's rule, the share of frames judged real
+    (score >= threshold).
+    """
+    scores = np.asarray(frame_scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("cannot aggregate an empty list of scores")
+    if method == "mean":
+        return float(scores.mean())
+    if method == "vote":
+        return float((scores >= threshold).mean())
+    raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
+class Scorer:
+    """Probability-real scores of model inputs, computed in fixed-size batches."""
+
+    def __init__(self, loaded_model: checkpoints.LoadedModel, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.spec = models.get_model(loaded_model.model_name)
+        self.model_source = loaded_model.source
+        self.batch_size = batch_size
+        devices = jax.devices()
+        if len(devices) > 1 and batch_size % len(devices) == 0:
+            mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+            self._input_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        else:
+            self._input_sharding = replicated = jax.sharding.SingleDeviceSharding(devices[0])
+        variables = {"params": loaded_model.variables["params"],
+                     "batch_stats": loaded_model.variables["batch_stats"]}
+        self._variables = jax.device_put(variables, replicated)
+        module = self.spec.module
+        self._probabilities_fn = jax.jit(
+            lambda variables, inputs: jax.nn.sigmoid(module.apply(variables, inputs, train=False)))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one model input, without the batch dimension."""
+        return self.spec.input_shape
+
+    def score_batch(self, inputs: np.ndarray) -> np.ndarray:
+        """Scores at most ``batch_size`` inputs; pads to the fixed batch shape. Returns float64 (N,)."""
+        count = inputs.shape[0]
+        if count > self.batch_size or tuple(inputs.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected at most {self.batch_size} inputs of shape {self.input_shape}, "
+                             f"got {inputs.shape}")
+        padded = np.zeros((self.batch_size,) + self.input_shape, np.float32)
+        padded[:count] = inputs
+        probabilities = self._probabilities_fn(self._variables, jax.device_put(padded, self._input_sharding))
+        return np.asarray(probabilities, dtype=np.float64)[:count]
+
+    def score(self, inputs: np.ndarray) -> np.ndarray:
+        """Scores any number of inputs, ``batch_size`` at a time. Returns float64 (N,)."""
+        return np.concatenate([self.score_batch(inputs[start:start + self.batch_size])
+                               for start in range(0, inputs.shape[0], self.batch_size)] or [np.zeros(0)])
