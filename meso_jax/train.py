@@ -379,7 +379,8 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, r
                 pending = []
                 losses = np.array([v["loss"] for v in values])
                 if not np.all(np.isfinite(losses)):
-                    raise TrainingError(f"loss became {losses[~np.isfinite(losses)][0]} at step {step}; "
+                    first_bad = int(np.argmin(np.isfinite(losses)))
+                    raise TrainingError(f"loss became {losses[first_bad]} at step {step - len(losses) + first_bad + 1}; "
                                         f"stopped; the last good checkpoint is kept in {manager.directory}")
                 loss_sum += float(losses.sum())
                 accuracy_sum += float(sum(v["accuracy"] for v in values))
@@ -494,9 +495,24 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
     result = fit(config, workdir, data.steps_per_epoch, run_metadata, epoch_batches,
                  lambda: data.val.as_numpy_iterator(), log)
     if export_dir and jax.process_index() == 0:
-        best = checkpoints.load_model(workdir)
-        checkpoints.save_model(export_dir, best.model_name, best.variables, best.preprocessing,
-                               {k: v for k, v in best.metadata.items()
-                                if k not in ("model", "input_shape", "preprocessing", "label_convention")})
-        log(f"exported {best.source} to {export_dir}")
+        export_best(workdir, export_dir, log)
     return result
+
+
+def export_best(workdir: str | os.PathLike, export_dir: str | os.PathLike,
+                log: Callable[[str], None] = _log_to_stdout) -> None:
+    """Exports the best checkpoint of a training workdir as a model directory for prediction.
+
+    A model trained on pre-cropped face images (face_detector "none") is exported with the Haar
+    detector as its default: users scan whole photos and videos, so faces must be found first,
+    as the crops it was trained on were.
+    """
+    best = checkpoints.load_model(workdir)
+    preprocessing = dict(best.preprocessing)
+    extra = {k: v for k, v in best.metadata.items()
+             if k not in ("model", "input_shape", "preprocessing", "label_convention")}
+    if best.metadata.get("dataset") == "image" and preprocessing.get("face_detector") == "none":
+        preprocessing["face_detector"] = "haar"
+        extra["trained_on"] = "pre-cropped face images (face_detector=none); scans find faces with haar"
+    checkpoints.save_model(export_dir, best.model_name, best.variables, preprocessing, extra)
+    log(f"exported {best.source} to {export_dir}")

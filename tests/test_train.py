@@ -11,7 +11,7 @@ import pytest
 from meso_jax import checkpoints, models, train
 
 BATCH = 8
-STEPS_PER_EPOCH = 8
+STEPS_PER_EPOCH = 20
 
 
 def _synthetic_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,19 +53,19 @@ def _fit(workdir, epochs: int, messages: list[str]) -> dict:
 
 def test_training_separates_two_classes_and_resumes(tmp_path) -> None:
     first_messages: list[str] = []
-    first = _fit(tmp_path, epochs=12, messages=first_messages)
+    first = _fit(tmp_path, epochs=4, messages=first_messages)
     assert "devices: 1" in first_messages[0]
-    assert first["step"] == 12 * STEPS_PER_EPOCH
+    assert first["step"] == 4 * STEPS_PER_EPOCH
 
     second_messages: list[str] = []
-    final = _fit(tmp_path, epochs=25, messages=second_messages)
-    assert f"resumed from step {12 * STEPS_PER_EPOCH}" in second_messages
-    assert final["step"] == 25 * STEPS_PER_EPOCH  # the step count continues, 200 steps in all
+    final = _fit(tmp_path, epochs=10, messages=second_messages)
+    assert f"resumed from step {4 * STEPS_PER_EPOCH}" in second_messages
+    assert final["step"] == 10 * STEPS_PER_EPOCH  # the step count continues, 200 steps in all
     assert final["train_loss"] < 0.3
     assert final["val_accuracy"] > 0.9 and final["val_auc"] > 0.95
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == list(range(1, 26))
+    assert [r["epoch"] for r in records] == list(range(1, 11))
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert list((tmp_path / "tensorboard").iterdir())
 
@@ -88,7 +88,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                 batch = dict(batch, image=np.full_like(batch["image"], np.nan))
             yield batch
 
-    with pytest.raises(train.TrainingError, match=r"loss became nan at step 12"):
+    with pytest.raises(train.TrainingError, match=r"loss became nan at step 23"):
         train.fit(_config(epochs=3), tmp_path, STEPS_PER_EPOCH, {}, poisoned_batches, _val_batches, log=print)
     manager = checkpoints.open_manager(tmp_path / "checkpoints", create=False)
     assert manager.all_steps() == [STEPS_PER_EPOCH]
