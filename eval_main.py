@@ -46,6 +46,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def _check_output_dir(output_dir: str) -> None:
+    """Creates ``output_dir`` and proves a file can be written there (one-line usage error otherwise)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--output_dir {output_dir}: cannot create ({error.strerror or error})") from None
+    probe = os.path.join(output_dir, f".eval_main_write_test_{os.getpid()}")
+    try:
+        with open(probe, "w", encoding="utf-8") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"--output_dir {output_dir}: cannot write there ({error.strerror or error})") from None
+
+
 def _run(argv: list[str]) -> int:
     if len(argv) > 1:
         raise UsageError(f"unexpected argument {argv[1]!r}; use --path=DIR")
@@ -53,6 +68,7 @@ def _run(argv: list[str]) -> int:
         raise UsageError("give --path=DIR (with real/ and fake/ folders) and --output_dir=DIR")
     if not os.path.isdir(_PATH.value):
         raise UsageError(f"{_PATH.value}: no such folder")
+    _check_output_dir(_OUTPUT_DIR.value)  # before any slow work: fail now, not after scoring every file
     # Heavy imports only after the command line is known to be usable: a usage error answers at once.
     from meso_jax import evaluate, scan, scoring  # pylint: disable=import-outside-toplevel
 
@@ -60,11 +76,8 @@ def _run(argv: list[str]) -> int:
                                workers=_WORKERS.value or scan.DEFAULT_WORKERS)
     try:
         labelled_files = evaluate.labelled_media(_PATH.value)
-        os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     except evaluate.EvaluationError as error:
         raise UsageError(str(error)) from None
-    except OSError as error:
-        raise UsageError(f"{_OUTPUT_DIR.value}: cannot create ({error.strerror})") from None
     scoring.enable_compilation_cache()
     try:
         scorer, prep = scan.load_scanner(_CHECKPOINT.value, _KERAS_WEIGHTS.value, _FACE_DETECTOR.value,

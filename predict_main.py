@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TextIO
 
 from absl import app, flags, logging
 
@@ -67,13 +68,35 @@ def _scan_path(argv: list[str]) -> str:
     path = _PATH.value or (positional[0] if positional else None)
     if not path:
         raise UsageError("nothing to scan: give --path=FILE_OR_DIR")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):  # a broken link is scanned: its record says it is broken
         raise UsageError(f"{path}: no such file or folder")
     return path
 
 
+def _open_output() -> TextIO:
+    """The record stream: --output opened now, before any slow work, so an unwritable place fails at once."""
+    if not _OUTPUT.value:
+        return sys.stdout
+    if os.path.isdir(_OUTPUT.value):
+        raise UsageError(f"--output {_OUTPUT.value}: is a folder; give a file name")
+    try:
+        # pylint: disable-next=consider-using-with  (closed by _run)
+        return open(_OUTPUT.value, "w", encoding="utf-8", errors="backslashreplace")
+    except OSError as error:
+        raise UsageError(f"--output {_OUTPUT.value}: cannot write ({error.strerror or error})") from None
+
+
 def _run(argv: list[str]) -> int:
     path = _scan_path(argv)
+    stream = _open_output()
+    try:
+        return _scan(path, stream)
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+
+
+def _scan(path: str, stream: TextIO) -> int:
     # Heavy imports only after the command line is known to be usable: a usage error answers at once.
     from meso_jax import scan, scoring  # pylint: disable=import-outside-toplevel
 
@@ -89,20 +112,8 @@ def _run(argv: list[str]) -> int:
     except scoring.ModelSourceError as error:
         raise UsageError(str(error)) from None
 
-    if _OUTPUT.value:
-        try:
-            # pylint: disable-next=consider-using-with  (closed in the finally below)
-            stream = open(_OUTPUT.value, "w", encoding="utf-8", errors="backslashreplace")
-        except OSError as error:
-            raise UsageError(f"{_OUTPUT.value}: cannot write ({error.strerror})") from None
-    else:
-        stream = sys.stdout
-    try:
-        writer = scan.make_writer(_FORMAT.value, stream, options.per_frame, options.threshold)
-        summary = scan.scan(path, scorer, prep, options, writer, progress=_PROGRESS.value and sys.stderr.isatty())
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
+    writer = scan.make_writer(_FORMAT.value, stream, options.per_frame, options.threshold)
+    summary = scan.scan(path, scorer, prep, options, writer, progress=_PROGRESS.value and sys.stderr.isatty())
     if summary.files == 0:
         print(f"{PROGRAM}: no images or videos found in {path}", file=sys.stderr)
         return 1

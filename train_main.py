@@ -8,6 +8,7 @@ metrics.jsonl and TensorBoard events go to --workdir; running the same command a
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -46,6 +47,14 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
 
 
+def _enable_compilation_cache(jax) -> None:
+    """JAX's persistent compilation cache, in the same place as predict_main's
+    (meso_jax.scoring.enable_compilation_cache): a resumed or repeated run skips the XLA compile."""
+    cache_root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root, "meso_jax", "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
@@ -53,8 +62,12 @@ def main(argv: list[str]) -> int:
     if not exporting_only and not (FLAGS.data_dir and FLAGS.workdir):
         raise app.UsageError("--data_dir and --workdir are required to train", exitcode=2)
 
-    from meso_jax import train  # after flag parsing, so --help stays fast
+    import jax  # after flag parsing, so --help stays fast
+    from meso_jax import checkpoints, train
+    from meso_jax.keras_import import KerasWeightsError
     from data_pipelines.preprocessing import MediaError, Preprocessing
+
+    _enable_compilation_cache(jax)
 
     train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
@@ -69,9 +82,20 @@ def main(argv: list[str]) -> int:
             val_fraction=FLAGS.val_fraction, augment=FLAGS.augment, cache_dir=FLAGS.cache_dir,
             synthesize_fakes=FLAGS.synthesize_fakes, preprocessing=preprocessing.to_dict())
         train.train_and_evaluate(config, FLAGS.workdir, export_dir=FLAGS.export_checkpoint)
-    except (train.TrainingError, MediaError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except train.TrainingInterrupted as error:
+        print(f"train_main: {error}", file=sys.stderr, flush=True)
+        return 130
+    except (train.TrainingError, checkpoints.CheckpointError, KerasWeightsError, MediaError, ValueError,
+            OSError) as error:
+        # One line, no traceback. The epoch's input iterator is already released (train.fit), so the
+        # interpreter exits at once.
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"train_main: error: {message}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # outside the training loop (data scan, export): no checkpoint was being written
+        print("train_main: interrupted; no checkpoint was being written; run the same command again to resume",
+              file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

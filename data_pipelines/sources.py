@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -51,8 +52,28 @@ class LabelledSplits:
     test: list[LabelledFile]
 
 
+def link_problem(path: str | os.PathLike) -> str | None:
+    """"broken symbolic link" or "symbolic link loop" when ``path`` is a link that leads nowhere, else None."""
+    try:
+        if not os.path.islink(path):
+            return None
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"broken symbolic link (its target {os.readlink(path)!r} does not exist)"
+    return None
+
+
 def _walk_files(root: str) -> Iterator[str]:
-    """All files below ``root``, sorted per directory, following symlinks once (no loops), skipping dot-folders."""
+    """All files below ``root``, sorted per directory, following symlinks once (no loops), skipping dot-folders.
+
+    Streams: one directory is listed at a time, so memory does not grow with the number of files.
+    A symbolic link that leads nowhere (dangling, or a loop) is yielded too, so that whoever reads it
+    reports it (see link_problem) instead of it vanishing silently. Other non-regular files (FIFOs,
+    sockets, devices) are skipped: opening them could block.
+    """
     visited: set[str] = set()
     stack = [root]
     while stack:
@@ -62,7 +83,8 @@ def _walk_files(root: str) -> Iterator[str]:
             continue
         visited.add(real_dir)
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            with os.scandir(directory) as scanner:
+                entries = sorted(scanner, key=lambda e: e.name)
         except OSError as err:
             logging.warning("cannot list %s: %s", directory, err.strerror or err)
             continue
@@ -70,13 +92,15 @@ def _walk_files(root: str) -> Iterator[str]:
         for entry in entries:
             try:
                 is_dir = entry.is_dir()
-            except OSError:
-                continue
+                is_file = not is_dir and entry.is_file()
+            except OSError:  # e.g. ELOOP: a link to itself
+                is_dir = is_file = False
             if is_dir:
                 if not entry.name.startswith("."):
                     subdirs.append(entry.path)
-            elif entry.is_file():
+            elif is_file or (entry.is_symlink() and link_problem(entry.path)):
                 yield entry.path
+        del entries
         stack.extend(reversed(subdirs))
 
 
@@ -87,7 +111,7 @@ def find_media(path: str | os.PathLike, kinds: Iterable[str] = ("image", "video"
     """
     path = os.fspath(path)
     kinds = tuple(kinds)
-    if os.path.isfile(path):
+    if os.path.isfile(path) or link_problem(path):  # a named broken link: reading it says so
         yield path
         return
     if not os.path.isdir(path):

@@ -10,6 +10,7 @@ model (``checkpoints/meso4`` in this repository) is the same format with one ste
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 from typing import Any
@@ -58,6 +59,9 @@ def open_manager(directory: str | os.PathLike, keep_last: int = 3, keep_best: in
                            keep_checkpoints_without_metrics=False),
         ]),
         enable_async_checkpointing=False,
+        # A save cut short (kill -9, power loss) leaves only a *.orbax-checkpoint-tmp folder, never a step;
+        # a writable manager removes such leftovers when it opens. Readers never delete anything.
+        cleanup_tmp_directories=create,
     )
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                  item_names=("model", "train", "metadata"))
@@ -89,49 +93,93 @@ def save_model(directory: str | os.PathLike, model_name: str, variables: dict, p
         ))
 
 
-def _restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
+def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON metadata item of checkpoint ``step`` (raises if it is missing or unreadable)."""
     return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
 
 
+_restore_metadata = read_metadata
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _steps_best_first(manager: ocp.CheckpointManager) -> list[tuple[int, dict | None]]:
+    """(step, metadata or None when unreadable), best first: by validation AUC, then the latest steps."""
+    readable, unreadable = [], []
+    for step in manager.all_steps():
+        try:
+            metadata = read_metadata(manager, step)
+        except Exception as error:  # pylint: disable=broad-except  (orbax raises many types for damaged files)
+            logging.warning("checkpoint %s step %d has unreadable metadata (%s); skipping it",
+                            manager.directory, step, _first_line(error))
+            unreadable.append((step, None))
+            continue
+        auc = metadata.get("metrics", {}).get(BEST_METRIC) if isinstance(metadata, dict) else None
+        readable.append(((auc is not None, auc if auc is not None else 0.0, step), step, metadata))
+    readable.sort(key=lambda item: item[0], reverse=True)
+    return [(step, metadata) for _, step, metadata in readable] + unreadable
+
+
 def best_step(manager: ocp.CheckpointManager) -> int:
-    """The step with the highest validation AUC in its metadata, else the latest step."""
-    steps = manager.all_steps()
-    if not steps:
+    """The step with the highest validation AUC in its metadata, else the latest step (skipping steps whose
+    metadata cannot be read)."""
+    if not manager.all_steps():
         raise CheckpointError(f"{manager.directory}: holds no checkpoint")
-    scored = []
-    for step in steps:
-        auc = _restore_metadata(manager, step).get("metrics", {}).get(BEST_METRIC)
-        if auc is not None:
-            scored.append((auc, step))
-    return max(scored)[1] if scored else max(steps)
+    ordered = _steps_best_first(manager)
+    return next((step for step, metadata in ordered if metadata is not None), ordered[0][0])
+
+
+def _check_model_name(path: pathlib.Path, metadata: dict) -> str:
+    model_name = metadata.get("model") if isinstance(metadata, dict) else None
+    if model_name not in models.MODEL_NAMES:
+        found = f"model {model_name!r}" if model_name is not None else "no model name in its metadata"
+        raise CheckpointError(f"{path}: expected a MesoNet checkpoint ({', '.join(models.MODEL_NAMES)}), "
+                              f"found {found}")
+    return model_name
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Loads an exported model directory or a training workdir (its best checkpoint)."""
+    """Loads an exported model directory or a training workdir (its best checkpoint).
+
+    A damaged checkpoint (truncated or corrupted files) is skipped with a warning in favour of the next
+    best readable one; a checkpoint of another model is an error.
+    """
     path = pathlib.Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     root = _manager_root(path)
     try:
         with open_manager(root, create=False) as manager:
-            step = best_step(manager)
-            metadata = _restore_metadata(manager, step)
-            model_name = metadata.get("model")
-            if model_name not in models.MODEL_NAMES:
-                raise CheckpointError(
-                    f"{path}: checkpoint is for model {model_name!r}; this program knows {', '.join(models.MODEL_NAMES)}")
-            spec = models.get_model(model_name)
-            abstract = jax.eval_shape(lambda: models.init_variables(spec, 0))
-            abstract = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-            restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+            if not manager.all_steps():
+                raise CheckpointError(f"{path}: holds no checkpoint (expected an exported model or a training "
+                                      "--workdir)")
+            first_error = None
+            for step, metadata in _steps_best_first(manager):
+                if metadata is None:
+                    first_error = first_error or "unreadable metadata"
+                    continue
+                model_name = _check_model_name(path, metadata)
+                spec = models.get_model(model_name)
+                abstract = jax.eval_shape(lambda: models.init_variables(spec, 0))
+                abstract = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+                try:
+                    restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+                except Exception as error:  # pylint: disable=broad-except  (damaged files: try the next one)
+                    first_error = first_error or _first_line(error)
+                    logging.warning("%s: checkpoint step %d is unreadable (%s); trying the next best one",
+                                    path, step, _first_line(error))
+                    continue
+                variables = jax.tree_util.tree_map(np.asarray, restored["model"])
+                return LoadedModel(model_name, variables, metadata.get("preprocessing", {}), metadata,
+                                   source=f"{path} (step {step})")
     except CheckpointError:
         raise
     except (FileNotFoundError, ValueError, KeyError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable meso-jax checkpoint ({first_line})") from None
-    variables = jax.tree_util.tree_map(np.asarray, restored["model"])
-    return LoadedModel(model_name, variables, metadata.get("preprocessing", {}), metadata,
-                       source=f"{path} (step {step})")
+        raise CheckpointError(f"{path}: not a readable meso-jax checkpoint ({_first_line(error)})") from None
+    raise CheckpointError(f"{path}: not a readable meso-jax checkpoint: every step is damaged ({first_error})")
 
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:

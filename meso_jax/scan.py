@@ -9,6 +9,7 @@ A file that cannot be scored (unreadable, corrupt, no face) yields a record with
 from __future__ import annotations
 
 import collections
+import collections.abc
 import concurrent.futures
 import csv
 import dataclasses
@@ -269,6 +270,9 @@ class _PreparedFile:
 def _prepare_file(path: str, prep: Preprocessing, clip_frames: int | None) -> _PreparedFile:
     """Worker-thread part: decode, sample, find faces and build the model inputs of one file."""
     record = ScanRecord(path=path, kind=media_kind(path) or "unknown")
+    record.error = sources.link_problem(path)
+    if record.error is not None:
+        return _PreparedFile(record)
     if clip_frames is not None and record.kind == "image":
         record.error = "this model scores videos only (it is a clip model); use an image model for images"
         return _PreparedFile(record)
@@ -303,13 +307,15 @@ def scan_files(paths: Iterable[str], scorer: scoring.Scorer, prep: Preprocessing
     """Scores every file in ``paths``, calling ``on_record`` once per file, in order.
 
     ``progress`` shows a tqdm bar on stderr. Returns the counts of real, fake and failed files.
+    ``paths`` is consumed lazily (at most a few dozen ahead of the records written), so a folder walk
+    streams: memory does not grow with the number of files and the first records come at once.
     """
-    paths = list(paths)
     clip_frames = scorer.input_shape[0] if len(scorer.input_shape) == 4 else None
     summary = ScanSummary()
     waiting: collections.deque[_PreparedFile] = collections.deque()  # in path order
     unscored: collections.deque[_PreparedFile] = collections.deque()  # files with inputs left to score
-    bar = tqdm.tqdm(total=len(paths), unit="file", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    total = len(paths) if isinstance(paths, collections.abc.Sized) else None
+    bar = tqdm.tqdm(total=total, unit="file", file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
     def emit_finished() -> None:
         while waiting and waiting[0].pending_inputs == 0:

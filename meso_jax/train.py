@@ -7,13 +7,16 @@ count (XLA inserts the cross-device reductions).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -203,34 +206,114 @@ def tree_to_state(state: TrainState, tree: dict) -> TrainState:
                          opt_state=tree["train"]["opt_state"], step=tree["train"]["step"], rng=tree["train"]["rng"])
 
 
-def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None]) -> tuple[dict, dict, int] | None:
-    """Restores the newest readable checkpoint, warning about and skipping corrupted newer ones."""
-    for step in sorted(manager.all_steps(), reverse=True):
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None],
+                        expected_model: str | None = None) -> tuple[dict, dict, int] | None:
+    """Restores the newest readable checkpoint, warning about and skipping corrupted newer ones.
+
+    Returns None when ``manager`` holds no checkpoint. Raises TrainingError when a checkpoint is of
+    another model than ``expected_model`` (a workdir is never silently reused for another network),
+    or when every checkpoint is unreadable (nothing is overwritten: the user decides).
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    for step in steps:
+        if expected_model is not None:
+            try:
+                found_model = checkpoints.read_metadata(manager, step).get("model")
+            except Exception:  # pylint: disable=broad-except  (unreadable metadata: the restore below reports it)
+                found_model = None
+            if found_model is not None and found_model != expected_model:
+                raise TrainingError(f"--workdir {pathlib.Path(manager.directory).parent} holds checkpoints of "
+                                    f"model {found_model}, not --model={expected_model}; use another --workdir")
         try:
             tree, metadata = checkpoints.restore_train_state(manager, step, abstract_tree)
             return tree, metadata, step
         except Exception as error:  # orbax/tensorstore raise many types for a damaged checkpoint
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            log(f"warning: checkpoint at step {step} is unreadable ({reason[:200]}); trying the previous one")
-    return None
+            log(f"warning: checkpoint at step {step} is unreadable ({_first_line(error)}); trying the previous one")
+    raise TrainingError(f"no readable checkpoint in {manager.directory} (steps {', '.join(map(str, steps))} are all "
+                        "damaged); move that folder away to train from scratch")
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C (SIGINT) during training; the checkpoints on disk are complete."""
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Holds back Ctrl-C while a checkpoint is written, then raises KeyboardInterrupt once it is complete.
+
+    Only in the main thread (signal handlers cannot be set elsewhere); a second Ctrl-C is held back too.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _release(iterator: Any) -> None:
+    """Closes an input iterator (a generator's close(); a tf.data iterator frees its resources when unreferenced)."""
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # pylint: disable=broad-except  (best effort while already failing)
+            pass
+
+
+def _trim_metrics_log(path: pathlib.Path, last_step: int) -> None:
+    """Drops metrics.jsonl records written after ``last_step`` (an epoch redone after a crash is logged once)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) > last_step:
+                continue
+        except ValueError:  # a line cut short by a crash
+            continue
+        kept.append(line + "\n")
+    path.write_text("".join(kept))
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
 
-def check_workdir(workdir: pathlib.Path) -> None:
-    """Fails before any work when the workdir cannot be written or its disk is nearly full."""
+def _check_writable_dir(directory: pathlib.Path, flag: str) -> None:
+    """Creates ``directory`` and proves a file can be written there (TrainingError otherwise)."""
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test_{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise TrainingError(f"--workdir {workdir} is not writable: {error.strerror or error}") from None
+        raise TrainingError(f"{flag} {directory} is not writable: {error.strerror or error}") from None
+
+
+def check_workdir(workdir: pathlib.Path, flag: str = "--workdir") -> None:
+    """Fails before any work when the workdir cannot be written or its disk is nearly full."""
+    workdir = pathlib.Path(workdir)
+    _check_writable_dir(workdir, flag)
     free = shutil.disk_usage(workdir).free
     if free < MIN_FREE_DISK_BYTES:
-        raise TrainingError(f"--workdir {workdir}: only {free // 2**20} MiB free on its disk; "
+        raise TrainingError(f"{flag} {workdir}: only {free // 2**20} MiB free on its disk; "
                             f"need at least {MIN_FREE_DISK_BYTES // 2**20} MiB for checkpoints")
 
 
@@ -326,20 +409,36 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, r
 
     initial_variables = None
     if config.keras_weights:
-        keras_model, initial_variables = keras_import.load_keras_weights(config.keras_weights)
+        try:
+            keras_model, initial_variables = keras_import.load_keras_weights(config.keras_weights)
+        except keras_import.KerasWeightsError as error:
+            raise TrainingError(f"--keras_weights: {error}") from None
         if keras_model != config.model:
             raise TrainingError(f"--keras_weights {config.keras_weights} holds {keras_model}, but --model={config.model}")
         log(f"initialised from Keras weights {config.keras_weights}")
     state = create_train_state(spec, config, total_steps, initial_variables)
-
     manager = checkpoints.open_manager(workdir / checkpoints.WORKDIR_CHECKPOINTS, keep_last=config.keep_checkpoints)
+    try:
+        return _fit_loop(config, workdir, steps_per_epoch, total_steps, run_metadata, epoch_batches, val_batches,
+                         log, parallel, state, manager)
+    finally:
+        manager.close()
+
+
+def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, total_steps: int,
+              run_metadata: dict, epoch_batches: Callable[[int, int], Iterator[dict]],
+              val_batches: Callable[[], Iterator[dict]], log: Callable[[str], None],
+              parallel: DataParallel, state: TrainState, manager) -> dict:
     abstract_tree = jax.tree_util.tree_map(np.asarray, state_to_tree(state))
-    restored = restore_latest_good(manager, abstract_tree, log) if manager.all_steps() else None
+    restored = restore_latest_good(manager, abstract_tree, log, expected_model=config.model)
+    events = _EventLog(workdir)
     if restored is not None:
         tree, saved_metadata, restored_step = restored
         if saved_metadata.get("model") != config.model:
             raise TrainingError(f"--workdir {workdir} holds a {saved_metadata.get('model')} run, not --model={config.model}")
         state = tree_to_state(state, tree)
+        if events.enabled:
+            _trim_metrics_log(events.jsonl_path, restored_step)
         log(f"resumed from step {restored_step}")
     state = parallel.replicate(state)
     metadata_base = checkpoints.model_metadata(config.model, run_metadata.get("preprocessing", {}), {
@@ -348,65 +447,94 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, r
 
     jitted_train_step = jax.jit(lambda s, b: train_step(s, b, config.loss), donate_argnums=0)
     jitted_eval_step = jax.jit(lambda s, b: eval_step(s, b, config.loss))
-    events = _EventLog(workdir)
     video_level = run_metadata.get("dataset") == "video"
 
     def save(step: int, epoch_metrics: dict | None) -> None:
         metadata = dict(metadata_base, step=step, metrics=epoch_metrics or {})
-        checkpoints.save_train_state(manager, step, jax.device_get(state_to_tree(state)), metadata,
-                                     metrics=epoch_metrics)
+        tree = jax.device_get(state_to_tree(state))
+        if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree["model"])):
+            # The loss of the last step was finite, but its update was not: never save a broken model.
+            raise TrainingError(f"the model's parameters became non-finite at step {step}; stopped; {last_saved()}")
+        try:
+            with _sigint_deferred():  # a Ctrl-C now would leave only a temporary folder, but waiting costs < 1 s
+                checkpoints.save_train_state(manager, step, tree, metadata, metrics=epoch_metrics)
+        except (OSError, ValueError, RuntimeError) as error:  # disk full, folder removed...: orbax/tensorstore
+            raise TrainingError(f"cannot save the checkpoint of step {step} in {manager.directory} "
+                                f"({_first_line(error)}); {last_saved()}") from None
+
+    def last_saved() -> str:
+        steps = manager.all_steps()
+        return (f"the last good checkpoint (step {max(steps)}) is kept in {manager.directory}" if steps
+                else "no checkpoint had been saved yet")
 
     step = int(jax.device_get(state.step))
     last_metrics: dict = {}
     start_epoch = step // steps_per_epoch
     if start_epoch >= config.epochs:
         log(f"nothing to do: {workdir} already holds {start_epoch} epochs (--epochs={config.epochs})")
-    for epoch in range(start_epoch, config.epochs):
-        skip = step - epoch * steps_per_epoch
-        started = time.time()
-        loss_sum, accuracy_sum, counted = 0.0, 0.0, 0
-        progress = _progress(config, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}")
-        pending: list[dict] = []
-        for batch in epoch_batches(epoch, skip):
-            state, step_metrics = jitted_train_step(state, parallel.shard_batch(
-                {key: batch[key] for key in ("image", "label", "weight")}))
-            pending.append(step_metrics)
-            step += 1
-            if progress is not None:
-                progress.update(1)
-            if step % config.log_every_steps == 0 or step % steps_per_epoch == 0 or step % config.checkpoint_every_steps == 0:
-                values = jax.device_get(pending)
-                pending = []
-                losses = np.array([v["loss"] for v in values])
-                if not np.all(np.isfinite(losses)):
-                    first_bad = int(np.argmin(np.isfinite(losses)))
-                    raise TrainingError(f"loss became {losses[first_bad]} at step {step - len(losses) + first_bad + 1}; "
-                                        f"stopped; the last good checkpoint is kept in {manager.directory}")
-                loss_sum += float(losses.sum())
-                accuracy_sum += float(sum(v["accuracy"] for v in values))
-                counted += len(values)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            skip = step - epoch * steps_per_epoch
+            started = time.time()
+            loss_sum, accuracy_sum, counted = 0.0, 0.0, 0
+            progress = _progress(config, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}")
+            pending: list[dict] = []
+            batches = epoch_batches(epoch, skip)
+            try:
+                for batch in batches:
+                    state, step_metrics = jitted_train_step(state, parallel.shard_batch(
+                        {key: batch[key] for key in ("image", "label", "weight")}))
+                    pending.append(step_metrics)
+                    step += 1
+                    if progress is not None:
+                        progress.update(1)
+                    if (step % config.log_every_steps == 0 or step % steps_per_epoch == 0
+                            or step % config.checkpoint_every_steps == 0):
+                        values = jax.device_get(pending)
+                        pending = []
+                        losses = np.array([v["loss"] for v in values])
+                        if not np.all(np.isfinite(losses)):
+                            first_bad = int(np.argmin(np.isfinite(losses)))
+                            raise TrainingError(f"loss became {losses[first_bad]} at step "
+                                                f"{step - len(losses) + first_bad + 1}; stopped; {last_saved()}")
+                        loss_sum += float(losses.sum())
+                        accuracy_sum += float(sum(v["accuracy"] for v in values))
+                        counted += len(values)
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{loss_sum / counted:.4f}", acc=f"{accuracy_sum / counted:.3f}")
+                    if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
+                        save(step, None)
+            finally:
+                # The epoch's input iterator (tf.data: threads and C++ resources) must not outlive the epoch,
+                # also on an error or Ctrl-C: one left alive at interpreter exit can hang or abort TensorFlow.
+                _release(batches)
+                del batches
                 if progress is not None:
-                    progress.set_postfix(loss=f"{loss_sum / counted:.4f}", acc=f"{accuracy_sum / counted:.3f}")
-            if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
-                save(step, None)
-        if progress is not None:
-            progress.close()
-        train_seconds = time.time() - started
-        trained_steps = step - epoch * steps_per_epoch - skip
-        epoch_metrics = {
-            "epoch": epoch + 1, "step": step,
-            "train_loss": loss_sum / max(counted, 1), "train_accuracy": accuracy_sum / max(counted, 1),
-            "learning_rate": float(learning_rate_schedule(config, total_steps)(step)),
-            "train_images_per_second": trained_steps * config.batch_size / max(train_seconds, 1e-9),
-        }
-        epoch_metrics.update(evaluate(state, val_batches(), parallel, config.batch_size, jitted_eval_step, video_level))
-        epoch_metrics["seconds"] = time.time() - started
-        events.write(step, epoch_metrics)
-        save(step, epoch_metrics)
-        log(format_epoch(epoch_metrics))
-        last_metrics = epoch_metrics
+                    progress.close()
+            train_seconds = time.time() - started
+            trained_steps = step - epoch * steps_per_epoch - skip
+            epoch_metrics = {
+                "epoch": epoch + 1, "step": step,
+                "train_loss": loss_sum / max(counted, 1), "train_accuracy": accuracy_sum / max(counted, 1),
+                "learning_rate": float(learning_rate_schedule(config, total_steps)(step)),
+                "train_images_per_second": trained_steps * config.batch_size / max(train_seconds, 1e-9),
+            }
+            validation = val_batches()
+            try:
+                epoch_metrics.update(evaluate(state, validation, parallel, config.batch_size, jitted_eval_step,
+                                              video_level))
+            finally:
+                _release(validation)
+                del validation
+            epoch_metrics["seconds"] = time.time() - started
+            save(step, epoch_metrics)
+            events.write(step, epoch_metrics)
+            log(format_epoch(epoch_metrics))
+            last_metrics = epoch_metrics
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"interrupted at step {step}; {last_saved()}; "
+                                  "run the same command again to resume") from None
     manager.wait_until_finished()
-    manager.close()
     return last_metrics
 
 
@@ -465,6 +593,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
     check_workdir(workdir)
     if export_dir and pathlib.Path(export_dir).exists() and any(pathlib.Path(export_dir).iterdir()):
         raise TrainingError(f"--export_checkpoint {export_dir} already exists and is not empty")
+    if export_dir:  # an unwritable export place must fail now, not after the training
+        _check_writable_dir(pathlib.Path(export_dir), "--export_checkpoint")
     spec = models.get_model(config.model)
     prep = Preprocessing.from_dict(config.preprocessing)
     processes = jax.process_count()

@@ -192,12 +192,12 @@ def test_hostile_inputs_get_error_records(hostile_dir, scorer):
     assert not any(path.startswith("loop") for path in records)  # the folder link to itself is not walked again
 
 
-@pytest.mark.xfail(strict=True, reason="data_pipelines.sources.find_media skips links to nothing silently; "
-                                       "it should yield them so that reading them reports the broken link")
 def test_broken_links_get_error_records(hostile_dir, scorer):
     records = {os.path.basename(r.path): r for r in _scan(hostile_dir, scorer)}
     for name in ("dangling.jpg", "self-loop.png"):
         assert name in records and records[name].error, name
+    assert records["dangling.jpg"].error.startswith("broken symbolic link")
+    assert records["self-loop.png"].error == "symbolic link loop"
 
 
 def test_no_face_is_an_error_record(media_dir, scorer):
