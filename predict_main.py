@@ -21,55 +21,33 @@ import os
 import sys
 from typing import TextIO
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from meso_jax import cli
 
 _PATH = flags.DEFINE_string("path", None, "Image, video or folder to scan (folders: recursively, sorted).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "An exported model or a training --workdir (its best checkpoint).")
-_KERAS_WEIGHTS = flags.DEFINE_string("keras_weights", None, "The authors' published MesoNet .h5 weights.")
-_FACE_DETECTOR = flags.DEFINE_enum("face_detector", None, ["haar", "none"],
-                                   "Face detector; default: the model's own setting. none: files are face crops.")
-_FRAMES = flags.DEFINE_integer("frames", None, "Frames sampled per video; default: the model's setting.", lower_bound=1)
-_AGGREGATE = flags.DEFINE_enum("aggregate", "mean", ["mean", "vote"],
-                               "Video score: mean frame score, or vote = share of frames judged real (MesoNet).")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "A score >= threshold is judged real.",
-                                lower_bound=0.0, upper_bound=1.0)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Model batch size (frames of several files share a batch).",
-                                   lower_bound=1)
-_WORKERS = flags.DEFINE_integer("workers", None, "Threads decoding files and finding faces; default: CPU count, max 8.",
-                                lower_bound=1)
 _PER_FRAME = flags.DEFINE_bool("per_frame", False, "Also output the score of every frame of a video.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json", "csv"], "text: aligned lines; json: JSON lines; csv.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write records to this file instead of standard output.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on standard error (only on a terminal).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Scan at most N images and at most N videos.", lower_bound=0)
 _ILIMIT = flags.DEFINE_integer("ilimit", None, "Scan at most N images (overrides --limit for images).", lower_bound=0)
 _VLIMIT = flags.DEFINE_integer("vlimit", None, "Scan at most N videos (overrides --limit for videos).", lower_bound=0)
 
+_SCORING = cli.define_scoring_flags()
+
 PROGRAM = "predict_main"
 
-
-class UsageError(Exception):
-    """A mistake in the command line; reported in one line with exit status 2."""
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        print(f"{PROGRAM}: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _scan_path(argv: list[str]) -> str:
     positional = argv[1:]
     if len(positional) > 1 or (positional and _PATH.value and positional[0] != _PATH.value):
-        raise UsageError("give one file or folder to scan (--path=FILE_OR_DIR or a bare path)")
+        raise cli.UsageError("give one file or folder to scan (--path=FILE_OR_DIR or a bare path)")
     path = _PATH.value or (positional[0] if positional else None)
     if not path:
-        raise UsageError("nothing to scan: give --path=FILE_OR_DIR")
+        raise cli.UsageError("nothing to scan: give --path=FILE_OR_DIR")
     if not os.path.lexists(path):  # a broken link is scanned: its record says it is broken
-        raise UsageError(f"{path}: no such file or folder")
+        raise cli.UsageError(f"{path}: no such file or folder")
     return path
 
 
@@ -78,12 +56,12 @@ def _open_output() -> TextIO:
     if not _OUTPUT.value:
         return sys.stdout
     if os.path.isdir(_OUTPUT.value):
-        raise UsageError(f"--output {_OUTPUT.value}: is a folder; give a file name")
+        raise cli.UsageError(f"--output {_OUTPUT.value}: is a folder; give a file name")
     try:
         # pylint: disable-next=consider-using-with  (closed by _run)
         return open(_OUTPUT.value, "w", encoding="utf-8", errors="backslashreplace")
     except OSError as error:
-        raise UsageError(f"--output {_OUTPUT.value}: cannot write ({error.strerror or error})") from None
+        raise cli.UsageError(f"--output {_OUTPUT.value}: cannot write ({error.strerror or error})") from None
 
 
 def _run(argv: list[str]) -> int:
@@ -98,22 +76,18 @@ def _run(argv: list[str]) -> int:
 
 def _scan(path: str, stream: TextIO) -> int:
     # Heavy imports only after the command line is known to be usable: a usage error answers at once.
-    from meso_jax import scan, scoring  # pylint: disable=import-outside-toplevel
+    from meso_jax import scan  # pylint: disable=import-outside-toplevel
 
     image_limit = _ILIMIT.value if _ILIMIT.value is not None else _LIMIT.value
     video_limit = _VLIMIT.value if _VLIMIT.value is not None else _LIMIT.value
-    options = scan.ScanOptions(threshold=_THRESHOLD.value, aggregate=_AGGREGATE.value, per_frame=_PER_FRAME.value,
-                               image_limit=image_limit, video_limit=video_limit,
-                               workers=_WORKERS.value or scan.DEFAULT_WORKERS)
-    scoring.enable_compilation_cache()
-    try:
-        scorer, prep = scan.load_scanner(_CHECKPOINT.value, _KERAS_WEIGHTS.value, _FACE_DETECTOR.value,
-                                         _FRAMES.value, _BATCH_SIZE.value)
-    except scoring.ModelSourceError as error:
-        raise UsageError(str(error)) from None
+    options = scan.ScanOptions(threshold=_SCORING.threshold.value, aggregate=_SCORING.aggregate.value,
+                               per_frame=_PER_FRAME.value, image_limit=image_limit, video_limit=video_limit,
+                               workers=_SCORING.workers.value or scan.DEFAULT_WORKERS)
+    scorer, prep = cli.load_scanner(_SCORING)
 
     writer = scan.make_writer(_FORMAT.value, stream, options.per_frame, options.threshold)
-    summary = scan.scan(path, scorer, prep, options, writer, progress=_PROGRESS.value and sys.stderr.isatty())
+    show_progress = _SCORING.progress.value and sys.stderr.isatty()
+    summary = scan.scan(path, scorer, prep, options, writer, progress=show_progress)
     if summary.files == 0:
         print(f"{PROGRAM}: no images or videos found in {path}", file=sys.stderr)
         return 1
@@ -122,23 +96,8 @@ def _scan(path: str, stream: TextIO) -> int:
 
 
 def main(argv: list[str]) -> None:
-    logging.set_verbosity(logging.WARNING)
-    # OpenCV and FFmpeg would print their own warnings about broken files; the records say it in one line.
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    sys.stdout.reconfigure(errors="backslashreplace")  # file names that are not valid UTF-8
-    try:
-        sys.exit(_run(argv))
-    except UsageError as error:
-        print(f"{PROGRAM}: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{PROGRAM}: interrupted; the records written so far are complete", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:  # the reader of standard output went away (e.g. `| head`)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    cli.run_entry(PROGRAM, _run, argv)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(PROGRAM))

@@ -1,0 +1,101 @@
+"""Command-line pieces shared by predict_main.py and eval_main.py (entry scripts only; the library
+never reads flags): the model-source and scoring flags, one-line usage errors, and the run wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+from absl import flags, logging
+
+
+class UsageError(Exception):
+    """A mistake in the command line; reported in one line with exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringFlags:
+    """The flags that choose the model and how files are turned into scores."""
+
+    checkpoint: flags.FlagHolder
+    keras_weights: flags.FlagHolder
+    face_detector: flags.FlagHolder
+    frames: flags.FlagHolder
+    aggregate: flags.FlagHolder
+    threshold: flags.FlagHolder
+    batch_size: flags.FlagHolder
+    workers: flags.FlagHolder
+    progress: flags.FlagHolder
+
+
+def define_scoring_flags() -> ScoringFlags:
+    """Defines the model-source and scoring flags (call once, at import of an entry script)."""
+    return ScoringFlags(
+        checkpoint=flags.DEFINE_string("checkpoint", None,
+                                       "An exported model or a training --workdir (its best checkpoint); "
+                                       "default: the model shipped in checkpoints/."),
+        keras_weights=flags.DEFINE_string("keras_weights", None, "The authors' published MesoNet .h5 weights."),
+        face_detector=flags.DEFINE_enum("face_detector", None, ["haar", "none"],
+                                        "Face detector; default: the model's own setting. none: files are face crops."),
+        frames=flags.DEFINE_integer("frames", None, "Frames sampled per video; default: the model's setting.",
+                                    lower_bound=1),
+        aggregate=flags.DEFINE_enum("aggregate", "mean", ["mean", "vote"],
+                                    "Video score: mean frame score, or vote = share of frames judged real (MesoNet)."),
+        threshold=flags.DEFINE_float("threshold", 0.5, "A score >= threshold is judged real.",
+                                     lower_bound=0.0, upper_bound=1.0),
+        batch_size=flags.DEFINE_integer("batch_size", 32,
+                                        "Model batch size (frames of several files share a batch).", lower_bound=1),
+        workers=flags.DEFINE_integer("workers", None,
+                                     "Threads decoding files and finding faces; default: CPU count, max 8.",
+                                     lower_bound=1),
+        progress=flags.DEFINE_bool("progress", True, "Show a progress bar on standard error (only on a terminal)."),
+    )
+
+
+def load_scanner(scoring_flags: ScoringFlags):
+    """(Scorer, Preprocessing) for the chosen model; a missing or unusable model is a UsageError."""
+    from meso_jax import scan, scoring  # pylint: disable=import-outside-toplevel  (slow imports, after parsing)
+
+    scoring.enable_compilation_cache()
+    try:
+        return scan.load_scanner(scoring_flags.checkpoint.value, scoring_flags.keras_weights.value,
+                                 scoring_flags.face_detector.value, scoring_flags.frames.value,
+                                 scoring_flags.batch_size.value)
+    except scoring.ModelSourceError as error:
+        raise UsageError(str(error)) from None
+
+
+def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
+    """An absl flags parser that reports a bad flag in one line with exit status 2."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            print(f"{program}: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return parse
+
+
+def run_entry(program: str, run: Callable[[list[str]], int], argv: list[str]) -> None:
+    """Runs ``run(argv)`` and exits with its status: usage errors 2, Ctrl-C 130, one line each."""
+    logging.set_verbosity(logging.WARNING)
+    # OpenCV and FFmpeg would print their own warnings about broken files; the records say it in one line.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    sys.stdout.reconfigure(errors="backslashreplace")  # file names that are not valid UTF-8
+    try:
+        sys.exit(run(argv))
+    except UsageError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted; everything written so far is complete", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # the reader of standard output went away (e.g. `| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
