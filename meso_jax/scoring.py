@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from data_pipelines.preprocessing import Preprocessing
-from meso_jax import checkpoints, models
+from meso_jax import checkpoints, fast_inference, models
 
 AGGREGATIONS = ("mean", "vote")
 
@@ -85,7 +85,11 @@ def aggregate_scores(frame_scores: Sequence[float] | np.ndarray, method: str, th
 class Scorer:
     """Probability-real scores of model inputs, computed in fixed-size batches."""
 
-    def __init__(self, loaded_model: checkpoints.LoadedModel, batch_size: int):
+    def __init__(self, loaded_model: checkpoints.LoadedModel, batch_size: int, fast_path: bool | None = None):
+        """``fast_path``: compute Meso-4 with meso_jax.fast_inference (same scores to ~1e-6, several
+        times faster on CPU); default on unless the environment sets MESO_JAX_FAST_INFERENCE=0."""
+        if fast_path is None:
+            fast_path = os.environ.get("MESO_JAX_FAST_INFERENCE", "1") != "0"
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.spec = models.get_model(loaded_model.model_name)
@@ -102,8 +106,14 @@ class Scorer:
                      "batch_stats": loaded_model.variables["batch_stats"]}
         self._variables = jax.device_put(variables, replicated)
         module = self.spec.module
-        self._probabilities_fn = jax.jit(
-            lambda variables, inputs: jax.nn.sigmoid(module.apply(variables, inputs, train=False)))
+        self.uses_fast_path = fast_path and fast_inference.supports(self.spec.name, self.spec.input_shape)
+        if self.uses_fast_path:
+            # One shared compiled forward per batch shape (the sigmoid is a tiny separate op).
+            self._probabilities_fn = lambda variables, inputs: jax.nn.sigmoid(
+                fast_inference.meso4_logits(variables, inputs))
+        else:
+            self._probabilities_fn = jax.jit(
+                lambda variables, inputs: jax.nn.sigmoid(module.apply(variables, inputs, train=False)))
 
     @property
     def input_shape(self) -> tuple[int, ...]:
