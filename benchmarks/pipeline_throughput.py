@@ -1,0 +1,163 @@
+"""Input pipeline and video scan throughput, stage by stage.
+
+    python3 benchmarks/pipeline_throughput.py [--images=2048] [--video=FILE.mp4] [--output=FILE.json]
+
+Images: face crops (default ../shared/dfdc_faces/val) read + decoded, resized to 256x256 and scaled
+to float32, single-threaded and with a thread pool. Video: a clip's 32 evenly sampled frames decoded,
+Viola-Jones faces found, crops resized, and Meso-4 (fast path and plain Flax, interleaved) run on
+the crops; the scan speed is given as a multiple of real time (clip duration / scan seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import sys
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from data_pipelines import faces, preprocessing, samples, video  # noqa: E402
+
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def image_files(root: pathlib.Path, count: int) -> list[str]:
+    paths = sorted(str(p) for p in root.rglob("*") if preprocessing.media_kind(p) == "image")
+    return paths[:count]
+
+
+def image_stages(paths: list[str], workers: int) -> dict:
+    prep = preprocessing.Preprocessing(face_detector="none")
+    t0 = time.perf_counter()
+    decoded = [preprocessing.read_image_rgb(p) for p in paths]
+    t1 = time.perf_counter()
+    resized = [preprocessing.resize_image(im, prep) for im in decoded]
+    t2 = time.perf_counter()
+    _ = [r.astype(np.float32) / np.float32(255.0) for r in resized]
+    t3 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        t4 = time.perf_counter()
+        _ = list(pool.map(lambda p: samples.extract_samples(p, prep).inputs_bhwc, paths))
+        t5 = time.perf_counter()
+    n = len(paths)
+    sizes = np.array([im.shape[:2] for im in decoded])
+    return {"images": n, "mean_source_size_hw": sizes.mean(axis=0).round(1).tolist(),
+            "decode_images_per_s": n / (t1 - t0), "resize_images_per_s": n / (t2 - t1),
+            "to_float_images_per_s": n / (t3 - t2), "serial_total_images_per_s": n / (t3 - t0),
+            f"extract_samples_{workers}_threads_images_per_s": n / (t5 - t4)}
+
+
+def video_stages(path: str, frames: int, rounds: int) -> dict:
+    import jax
+    from meso_jax import fast_inference, models
+    from meso_jax.keras_import import load_keras_weights
+
+    capture = cv2.VideoCapture(path)
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    capture.release()
+    duration = frame_count / fps if fps else float("nan")
+    prep = preprocessing.Preprocessing(frames_per_video=frames)
+    detector = faces.make_face_detector("haar")
+
+    weights = SHARED / "mesonet" / "Meso4_DF.h5"
+    if weights.is_file():
+        _, variables = load_keras_weights(weights)
+    else:
+        shapes = jax.eval_shape(lambda: models.init_variables(models.get_model("meso4"), 0))
+        variables = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.01, np.float32), shapes)
+    device = jax.devices()[0]
+    v_dev = jax.device_put(variables, device)
+    module = models.get_model("meso4").module
+    plain = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    batch = np.zeros((frames, 256, 256, 3), np.float32)
+    compile_t0 = time.perf_counter()
+    fast_inference.meso4_logits(v_dev, jax.device_put(batch, device)).block_until_ready()
+    fast_compile = time.perf_counter() - compile_t0
+    plain(v_dev, jax.device_put(batch, device)).block_until_ready()
+
+    stage_times: dict[str, list[float]] = {k: [] for k in ("decode", "detect", "detect_2_threads", "crop_resize",
+                                                           "model_fast", "model_plain", "end_to_end_fast")}
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    found = 0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        sampled = video.sample_video_frames(path, frames)
+        t1 = time.perf_counter()
+        boxes = faces.reject_inconsistent_boxes([detector.detect(f) for _, f in sampled])
+        t2 = time.perf_counter()
+        crops = [preprocessing.to_model_input(faces.crop_face(f, b, prep.face_margin), prep)
+                 for (_, f), b in zip(sampled, boxes) if b is not None]
+        t3 = time.perf_counter()
+        found = len(crops)
+        batch[:] = 0
+        if crops:
+            batch[:found] = np.stack(crops)
+        np.asarray(fast_inference.meso4_logits(v_dev, jax.device_put(batch, device)))
+        t4 = time.perf_counter()
+        np.asarray(plain(v_dev, jax.device_put(batch, device)))
+        t5 = time.perf_counter()
+        stage_times["decode"].append(t1 - t0)
+        stage_times["detect"].append(t2 - t1)
+        stage_times["crop_resize"].append(t3 - t2)
+        stage_times["model_fast"].append(t4 - t3)
+        stage_times["model_plain"].append(t5 - t4)
+        stage_times["end_to_end_fast"].append(t4 - t0)
+        t6 = time.perf_counter()  # not part of the scan: detection spread over 2 threads, for comparison
+        parallel_boxes = list(pool.map(detector.detect, [f for _, f in sampled]))
+        stage_times["detect_2_threads"].append(time.perf_counter() - t6)
+        if faces.reject_inconsistent_boxes(parallel_boxes) != boxes:
+            raise RuntimeError("threaded face detection found different boxes")
+    pool.shutdown()
+    med = {k: float(np.median(v)) for k, v in stage_times.items()}
+    return {"video": path, "width": width, "height": height, "fps": fps, "frame_count": frame_count,
+            "duration_s": duration, "sampled_frames": frames, "faces_found": found,
+            "fast_path_compile_s": fast_compile,
+            "stage_seconds_median": med,
+            "frames_per_s": {k: frames / v for k, v in med.items()},
+            "x_real_time_fast": duration / med["end_to_end_fast"],
+            "x_real_time_plain": duration / (med["end_to_end_fast"] - med["model_fast"] + med["model_plain"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--image_dir", default=str(SHARED / "dfdc_faces" / "val"))
+    parser.add_argument("--video", default=str(SHARED / "dev_videos" / "fake" / "dfdc_yhffcuhhjy.mp4"))
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    info = common.machine_info()
+    info["busy_processes_at_start"] = common.other_busy_processes()
+    info["opencv"] = cv2.__version__
+    result: dict = {"machine": info}
+    paths = image_files(pathlib.Path(args.image_dir), args.images)
+    if paths:
+        result["images"] = image_stages(paths, args.workers)
+        print("images:", {k: round(v, 1) if isinstance(v, float) else v for k, v in result["images"].items()},
+              flush=True)
+    if os.path.isfile(args.video):
+        result["video"] = video_stages(args.video, args.frames, args.rounds)
+        v = result["video"]
+        print(f"video {v['width']}x{v['height']} {v['duration_s']:.1f} s, {v['faces_found']}/{v['sampled_frames']} "
+              f"faces; frames/s: " + ", ".join(f"{k} {x:.1f}" for k, x in v["frames_per_s"].items()) +
+              f"; x real time: fast {v['x_real_time_fast']:.1f}, plain {v['x_real_time_plain']:.1f}", flush=True)
+    info["load_average_at_end"] = list(os.getloadavg())
+    out = common.write_json(args.output or common.default_output("pipeline_throughput"), result)
+    print(f"load average start {info['load_average_at_start']} end {info['load_average_at_end']}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

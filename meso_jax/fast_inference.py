@@ -1,0 +1,141 @@
+"""A faster, inference-only Meso-4 forward pass for CPUs (same numbers as the Flax module).
+
+On CPU, XLA's convolutions with few channels (Meso-4 has 3 -> 8 -> 8 -> 16 -> 16) are slow: the
+first layer alone takes ~6x as long as oneDNN's. This module computes each of the first three
+"conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool p" blocks without a convolution op:
+
+* Pool-phase decomposition. The p x p max-pool (stride p) reads every conv output exactly once,
+  so for each pooling phase (dy, dx) the conv outputs at rows p*i + dy and columns p*j + dx are
+  computed directly, as a sum over the k*k*Cin kernel taps of a stride-p slice of the padded input
+  times that tap's weight vector (Cout wide). XLA fuses the whole sum, the ReLU/BatchNorm and the
+  max over the phases into one loop that writes only the pooled output.
+* BatchNorm folding. With s = gamma / sqrt(var + eps) and t = beta - mean * s (running statistics),
+  ``relu(z) * s + t`` is monotone per channel (increasing if s >= 0, decreasing if s < 0), so
+  max over phases of it equals ``relu(m) * s + t`` where m is the max (s >= 0) or min (s < 0) of
+  the raw conv outputs over the phases: the BatchNorm is applied once, after pooling.
+
+The fourth block (32x32, 16 -> 16) keeps XLA's convolution, where it is competitive. The result
+equals ``models.get_model("meso4").module.apply(variables, x, train=False)`` to float32 rounding
+(sums in a different order; |difference| ~1e-6 on logits). Inference only: the autodiff of this
+formulation is slow, so training uses the Flax module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meso_jax import models
+
+# Max-pool size of each Meso-4 block; kernel sizes and channels come from the variables.
+MESO4_POOLS = (2, 2, 2, 4)
+# Blocks computed with the phased formulation; the rest use lax.conv.
+PHASED_BLOCKS = 3
+
+
+def _fold_batch_norm(params: dict, stats: dict) -> tuple[jax.Array, jax.Array]:
+    """(scale, shift) of an inference-mode BatchNorm: y = x * scale + shift."""
+    scale = params["scale"] * jax.lax.rsqrt(stats["var"] + models.KERAS_BN_EPSILON)
+    shift = params["bias"] - stats["mean"] * scale
+    return scale, shift
+
+
+def _relu_bn_after_pool(pooled_max: jax.Array, pooled_min: jax.Array, scale: jax.Array,
+                        shift: jax.Array) -> jax.Array:
+    """max over a pooling window of relu(z) * scale + shift, from the window's max and min of z."""
+    extreme = jnp.where(scale >= 0, pooled_max, pooled_min)
+    return jnp.maximum(extreme, 0.0) * scale + shift
+
+
+def _phased_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,
+                  pool: int) -> jax.Array:
+    """conv(SAME)+bias -> ReLU -> BatchNorm(folded) -> max-pool(pool), without a conv op (NHWC)."""
+    batch, height, width, in_channels = x.shape
+    k = kernel.shape[0]
+    half = (k - 1) // 2
+    out_h, out_w = height // pool, width // pool
+    padded = jnp.pad(x, ((0, 0), (half, k - 1 - half), (half, k - 1 - half), (0, 0)))
+    out_shape = (batch, out_h, out_w, kernel.shape[-1])
+    # Built from lax primitives with explicit broadcasts: ~1,700 terms per network, so the Python
+    # tracing cost (paid at every start-up, even with a warm compilation cache) matters.
+    weights = [[[jax.lax.broadcast_in_dim(kernel[ky, kx, c], out_shape, (3,)) for c in range(in_channels)]
+                for kx in range(k)] for ky in range(k)]
+    bias_b = jax.lax.broadcast_in_dim(bias, out_shape, (3,))
+    phase_max = phase_min = None
+    for dy in range(pool):
+        for dx in range(pool):
+            total = bias_b
+            for ky in range(k):
+                for kx in range(k):
+                    for c in range(in_channels):
+                        plane = jax.lax.slice(
+                            padded,
+                            (0, dy + ky, dx + kx, c),
+                            (batch, dy + ky + pool * (out_h - 1) + 1, dx + kx + pool * (out_w - 1) + 1, c + 1),
+                            (1, pool, pool, 1))
+                        plane = jax.lax.broadcast_in_dim(plane, out_shape, (0, 1, 2, 3))
+                        total = jax.lax.add(total, jax.lax.mul(plane, weights[ky][kx][c]))
+            if phase_max is None:
+                phase_max = phase_min = total
+            else:
+                phase_max = jax.lax.max(phase_max, total)
+                phase_min = jax.lax.min(phase_min, total)
+    return _relu_bn_after_pool(phase_max, phase_min, scale, shift)
+
+
+def _conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,
+                pool: int) -> jax.Array:
+    """The same block with XLA's convolution and reduce_window (for the small late layers)."""
+    z = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    window = (1, pool, pool, 1)
+    pooled_max = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, window, window, "VALID")
+    pooled_min = jax.lax.reduce_window(z, jnp.inf, jax.lax.min, window, window, "VALID")
+    return _relu_bn_after_pool(pooled_max, pooled_min, scale, shift)
+
+
+def meso4_forward(variables: dict, images_bhwc: jax.Array) -> jax.Array:
+    """Meso-4 logits (B,) for images in [0, 1], inference mode. Traceable; jit it (or use
+    meso4_inference_fn). Image height and width must be divisible by 64 (256 in MesoNet)."""
+    height, width = images_bhwc.shape[1:3]
+    if height % 64 or width % 64:
+        raise ValueError(f"the fast Meso-4 path needs height and width divisible by 64, got {height}x{width}")
+    params, stats = variables["params"], variables["batch_stats"]
+    x = images_bhwc.astype(jnp.float32)
+    for index, pool in enumerate(MESO4_POOLS):
+        block = params[f"ConvBlock_{index}"]
+        scale, shift = _fold_batch_norm(block["BatchNorm_0"], stats[f"ConvBlock_{index}"]["BatchNorm_0"])
+        kernel, bias = block["Conv_0"]["kernel"], block["Conv_0"]["bias"]
+        block_fn = _phased_block if index < PHASED_BLOCKS else _conv_block
+        x = block_fn(x, kernel, bias, scale, shift, pool)
+    head = params["ClassifierHead_0"]
+    x = x.reshape((x.shape[0], -1))
+    x = jax.nn.leaky_relu(x @ head["Dense_0"]["kernel"] + head["Dense_0"]["bias"], models.LEAKY_RELU_SLOPE)
+    return (x @ head["Dense_1"]["kernel"] + head["Dense_1"]["bias"])[:, 0]
+
+
+# The compiled forward, shared by every caller (one compilation per input shape and sharding).
+meso4_logits = jax.jit(meso4_forward)
+
+
+def meso4_inference_fn(variables: dict) -> Callable[[jax.Array], jax.Array]:
+    """A jit-compiled ``images_bhwc -> logits`` for Meso-4 with ``variables`` ({"params",
+    "batch_stats"}) bound; equal to the Flax module in inference mode up to float32 rounding."""
+    device = jax.devices()[0]
+    bound = jax.device_put(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32),
+                                                  {"params": variables["params"],
+                                                   "batch_stats": variables["batch_stats"]}), device)
+    # Committed to one device like scoring.Scorer's arguments, so both share one compilation.
+    return lambda images_bhwc: meso4_logits(bound, jax.device_put(images_bhwc, device))
+
+
+def supports(model_name: str, input_shape: tuple[int, ...]) -> bool:
+    """Whether the fast path computes ``model_name`` on inputs of ``input_shape`` (no batch dim)."""
+    return (model_name == "meso4" and len(input_shape) == 3 and input_shape[2] == 3
+            and input_shape[0] % 64 == 0 and input_shape[1] % 64 == 0)
+
+
+__all__ = ["meso4_forward", "meso4_inference_fn", "supports"]

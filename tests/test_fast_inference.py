@@ -1,0 +1,94 @@
+"""The fast inference-only Meso-4 forward equals the Flax module (random and published weights)."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meso_jax import checkpoints, fast_inference, keras_import, models, scoring
+
+BATCH = 4  # one compiled shape for every test in this file
+
+
+def _random_variables(seed: int) -> dict:
+    """Random Meso-4 variables (numpy, no init compile) with non-trivial BatchNorm: running
+    statistics, and scales of both signs (the fast path folds BatchNorm past the max-pool)."""
+    shapes = jax.eval_shape(lambda: models.init_variables(models.get_model("meso4"), 0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf) -> np.ndarray:
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:  # He-like scale so activations stay O(1) through the network
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.normal(0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
+        if "'var'" in name:
+            return rng.uniform(0.2, 2.0, leaf.shape).astype(np.float32)
+        if "'scale'" in name:
+            return rng.normal(0, 1, leaf.shape).astype(np.float32)
+        return rng.normal(0, 0.2, leaf.shape).astype(np.float32)  # biases, means
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+_reference_jit = jax.jit(lambda v, x: models.get_model("meso4").module.apply(v, x, train=False))
+
+
+def _reference_logits(variables: dict, images: np.ndarray) -> np.ndarray:
+    return np.asarray(_reference_jit(variables, images))
+
+
+def _reference_input(path) -> np.ndarray:
+    image_rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    return cv2.resize(image_rgb, (256, 256), interpolation=cv2.INTER_NEAREST_EXACT).astype(np.float32) / 255.0
+
+
+def test_matches_flax_module_on_random_variables() -> None:
+    variables = _random_variables(seed=7)
+    scales = [variables["params"][f"ConvBlock_{b}"]["BatchNorm_0"]["scale"] for b in range(4)]
+    assert any((s < 0).any() for s in scales) and any((s > 0).any() for s in scales)
+    images = np.asarray(jax.random.uniform(jax.random.key(1), (BATCH, 256, 256, 3)))
+    expected = _reference_logits(variables, images)
+    fast = np.asarray(fast_inference.meso4_inference_fn(variables)(images))
+    assert fast.shape == (BATCH,)
+    np.testing.assert_allclose(fast, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_matches_published_weights_and_reference_scores(shared_dir) -> None:
+    mesonet_dir = shared_dir / "mesonet"
+    reference = json.loads((mesonet_dir / "reference_scores.json").read_text())["Meso4_DF.h5"]
+    model_name, variables = keras_import.load_keras_weights(mesonet_dir / "Meso4_DF.h5")
+    assert model_name == "meso4"
+    images = np.stack([_reference_input(mesonet_dir / image) for image in reference])
+    images = np.concatenate([images, np.zeros((BATCH - len(images), 256, 256, 3), np.float32)])[:BATCH]
+    expected = _reference_logits(variables, images)
+    fast = np.asarray(fast_inference.meso4_inference_fn(variables)(images))
+    np.testing.assert_allclose(fast, expected, atol=1e-5, rtol=0)
+    scores = np.asarray(jax.nn.sigmoid(fast))[:len(reference)]
+    np.testing.assert_allclose(scores, list(reference.values()), atol=1e-4, rtol=0)
+
+
+def test_scorer_uses_fast_path_for_meso4_with_same_scores() -> None:
+    variables = _random_variables(seed=3)
+    loaded = checkpoints.LoadedModel("meso4", variables, {}, {})
+    fast_scorer = scoring.Scorer(loaded, batch_size=BATCH)
+    assert fast_scorer.uses_fast_path
+    assert not scoring.Scorer(loaded, batch_size=BATCH, fast_path=False).uses_fast_path
+    images = np.asarray(jax.random.uniform(jax.random.key(5), (BATCH + 1, 256, 256, 3)))
+    padded = np.concatenate([images, np.zeros((BATCH - 1, 256, 256, 3), np.float32)])
+    expected = 1 / (1 + np.exp(-np.concatenate([_reference_logits(variables, padded[:BATCH]),
+                                                _reference_logits(variables, padded[BATCH:])])))
+    np.testing.assert_allclose(fast_scorer.score(images), expected[:BATCH + 1], atol=1e-6, rtol=0)
+
+
+def test_supports_only_meso4_on_suitable_shapes() -> None:
+    assert fast_inference.supports("meso4", (256, 256, 3))
+    assert not fast_inference.supports("meso4", (250, 256, 3))
+    assert not fast_inference.supports("mesoinception4", (256, 256, 3))
+    assert not fast_inference.supports("meso4_video", (24, 256, 256, 3))
+    with pytest.raises(ValueError, match="divisible by 64"):
+        fast_inference.meso4_forward({}, jnp.zeros((1, 100, 256, 3)))
