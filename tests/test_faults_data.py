@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import struct
 import tracemalloc
-import zlib
 
 import cv2
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 
 from data_pipelines import preprocessing, sources
 from meso_jax import scan
+from conftest import png_declaring
 
 FOLDERS, FILES_PER_FOLDER = 20, 1000
 
@@ -85,15 +84,6 @@ def test_scan_consumes_paths_lazily_and_writes_records_as_it_goes(big_tree):
     assert max(ahead) <= 4 * options.workers + 1  # only the files in flight are read ahead
 
 
-def _png_declaring(width: int, height: int) -> bytes:
-    """A small, well-formed PNG whose header declares width x height (its data is a few bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-            + chunk(b"IEND", b""))
-
-
 def test_huge_image_headers_are_refused_before_decoding(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded an image whose header is over the pixel limit")
@@ -101,7 +91,7 @@ def test_huge_image_headers_are_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(cv2, "imdecode", no_decoding)
     monkeypatch.setattr(cv2, "imread", no_decoding)
     huge = tmp_path / "huge.png"
-    huge.write_bytes(_png_declaring(20_000, 20_000))  # 400 megapixels declared in 100 bytes
+    huge.write_bytes(png_declaring(20_000, 20_000))  # 400 megapixels declared in 100 bytes
     with pytest.raises(preprocessing.MediaError, match="megapixel limit"):
         preprocessing.read_image_rgb(huge)  # scanning and on-the-fly training
     with pytest.raises(preprocessing.MediaError, match="megapixel limit"):

@@ -8,10 +8,8 @@ import io
 import json
 import os
 import pathlib
-import struct
 import subprocess
 import sys
-import zlib
 
 import cv2
 import jax
@@ -20,6 +18,7 @@ import pytest
 
 from data_pipelines.preprocessing import Preprocessing, media_kind
 from meso_jax import checkpoints, models, scan, scoring
+from conftest import png_declaring
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEST_PREPROCESSING = Preprocessing(face_detector="none", frames_per_video=4)
@@ -64,15 +63,6 @@ def _write_video(path: pathlib.Path, frames: int = 6) -> None:
     writer.release()
 
 
-def _png_declaring(width: int, height: int) -> bytes:
-    """A small, well-formed PNG whose header declares width x height (its data is a few bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-            + chunk(b"IEND", b""))
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> pathlib.Path:
     """A random Meso-4 whose scores differ clearly between the test images."""
@@ -113,7 +103,7 @@ def hostile_dir(tmp_path_factory) -> pathlib.Path:
     (root / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
     (root / "garbage.png").write_bytes(os.urandom(2000))
     (root / "text.jpg").write_text("this is not a picture\n")
-    (root / "huge.png").write_bytes(_png_declaring(20_000, 20_000))
+    (root / "huge.png").write_bytes(png_declaring(20_000, 20_000))
     (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(500))
     (root / "loop").symlink_to(root, target_is_directory=True)
     (root / "dangling.jpg").symlink_to(root / "does-not-exist.jpg")
