@@ -98,10 +98,8 @@ def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
 
 
-_restore_metadata = read_metadata
-
-
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
@@ -114,7 +112,7 @@ def _steps_best_first(manager: ocp.CheckpointManager) -> list[tuple[int, dict | 
             metadata = read_metadata(manager, step)
         except Exception as error:  # pylint: disable=broad-except  (orbax raises many types for damaged files)
             logging.warning("checkpoint %s step %d has unreadable metadata (%s); skipping it",
-                            manager.directory, step, _first_line(error))
+                            manager.directory, step, first_line(error))
             unreadable.append((step, None))
             continue
         auc = metadata.get("metrics", {}).get(BEST_METRIC) if isinstance(metadata, dict) else None
@@ -168,9 +166,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                 try:
                     restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
                 except Exception as error:  # pylint: disable=broad-except  (damaged files: try the next one)
-                    first_error = first_error or _first_line(error)
+                    first_error = first_error or first_line(error)
                     logging.warning("%s: checkpoint step %d is unreadable (%s); trying the next best one",
-                                    path, step, _first_line(error))
+                                    path, step, first_line(error))
                     continue
                 variables = jax.tree_util.tree_map(np.asarray, restored["model"])
                 return LoadedModel(model_name, variables, metadata.get("preprocessing", {}), metadata,
@@ -178,7 +176,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     except CheckpointError:
         raise
     except (FileNotFoundError, ValueError, KeyError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable meso-jax checkpoint ({_first_line(error)})") from None
+        raise CheckpointError(f"{path}: not a readable meso-jax checkpoint ({first_line(error)})") from None
     raise CheckpointError(f"{path}: not a readable meso-jax checkpoint: every step is damaged ({first_error})")
 
 

@@ -206,11 +206,6 @@ def tree_to_state(state: TrainState, tree: dict) -> TrainState:
                          opt_state=tree["train"]["opt_state"], step=tree["train"]["step"], rng=tree["train"]["rng"])
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
-
-
 def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None],
                         expected_model: str | None = None) -> tuple[dict, dict, int] | None:
     """Restores the newest readable checkpoint, warning about and skipping corrupted newer ones.
@@ -235,7 +230,8 @@ def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None]
             tree, metadata = checkpoints.restore_train_state(manager, step, abstract_tree)
             return tree, metadata, step
         except Exception as error:  # orbax/tensorstore raise many types for a damaged checkpoint
-            log(f"warning: checkpoint at step {step} is unreadable ({_first_line(error)}); trying the previous one")
+            log(f"warning: checkpoint at step {step} is unreadable ({checkpoints.first_line(error)}); "
+                "trying the previous one")
     raise TrainingError(f"no readable checkpoint in {manager.directory} (steps {', '.join(map(str, steps))} are all "
                         "damaged); move that folder away to train from scratch")
 
@@ -433,9 +429,7 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
     restored = restore_latest_good(manager, abstract_tree, log, expected_model=config.model)
     events = _EventLog(workdir)
     if restored is not None:
-        tree, saved_metadata, restored_step = restored
-        if saved_metadata.get("model") != config.model:
-            raise TrainingError(f"--workdir {workdir} holds a {saved_metadata.get('model')} run, not --model={config.model}")
+        tree, _, restored_step = restored  # restore_latest_good checked the model name
         state = tree_to_state(state, tree)
         if events.enabled:
             _trim_metrics_log(events.jsonl_path, restored_step)
@@ -460,7 +454,7 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
                 checkpoints.save_train_state(manager, step, tree, metadata, metrics=epoch_metrics)
         except (OSError, ValueError, RuntimeError) as error:  # disk full, folder removed...: orbax/tensorstore
             raise TrainingError(f"cannot save the checkpoint of step {step} in {manager.directory} "
-                                f"({_first_line(error)}); {last_saved()}") from None
+                                f"({checkpoints.first_line(error)}); {last_saved()}") from None
 
     def last_saved() -> str:
         steps = manager.all_steps()
