@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+from data_pipelines.augment import AUGMENTATIONS
+
 
 flags.DEFINE_enum("dataset", "image", ["image", "video"], "Train on images or on faces sampled from videos.")
 flags.DEFINE_string("data_dir", None, "Folder with real/ and fake/ (or train/ val/ splits holding them).")
@@ -29,7 +31,9 @@ flags.DEFINE_enum("loss", "bce", ["bce", "mse"], "bce: cross-entropy on logits; 
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order, augmentation and dropout.")
 flags.DEFINE_string("keras_weights", None, "Initialise from the authors' published .h5 weights.")
 flags.DEFINE_float("val_fraction", 0.1, "Validation share, split by source video, when DATA has no val/ split.")
-flags.DEFINE_bool("augment", True, "Training augmentation (rotation, shift, flip, brightness/contrast, JPEG).")
+flags.DEFINE_enum("augment", "full", list(AUGMENTATIONS),
+                  "Training augmentation: none; flip (horizontal); seed (rotation ±20°, shifts 0.2, flip); "
+                  "full (seed + brightness/contrast + JPEG re-compression).")
 flags.DEFINE_string("cache_dir", None, "Where extracted video faces are cached (default: <workdir>/face_cache).")
 flags.DEFINE_enum("synthesize_fakes", None, ["sbi"], "Add self-blended fakes made from the real faces.")
 flags.DEFINE_enum("resize", "nearest", ["nearest", "area", "bilinear"], "Resize rule to 256x256 (nearest = Keras).")
@@ -84,7 +88,7 @@ def main(argv: list[str]) -> int:
         train.train_and_evaluate(config, FLAGS.workdir, export_dir=FLAGS.export_checkpoint)
     except train.TrainingInterrupted as error:
         print(f"train_main: {error}", file=sys.stderr, flush=True)
-        return 130
+        return error.exit_code
     except (train.TrainingError, checkpoints.CheckpointError, KerasWeightsError, MediaError, ValueError,
             OSError) as error:
         # One line, no traceback. The epoch's input iterator is already released (train.fit), so the

@@ -51,7 +51,7 @@ def matmul_peak(seconds: float) -> dict:
 
 
 def flax_contenders(variables: dict, batches: list[int], train_batch: int):
-    """Plain Flax and fast-path inference functions, and a Flax train step (Adam, BCE, BN train)."""
+    """Plain Flax and fast-path inference functions, and Flax train steps (Adam, BCE, BN train)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -81,30 +81,36 @@ def flax_contenders(variables: dict, batches: list[int], train_batch: int):
                 lambda xs=xs: fast_inference.meso4_logits(v_rep, xs).block_until_ready(),
                 lambda xs=xs: np.asarray(fast_inference.meso4_logits(v_rep, xs)))
     optimizer = optax.adam(1e-3)
-
-    @jax.jit
-    def train_step(params, batch_stats, opt_state, images, labels, key):
-        def loss_fn(p):
-            logits, updates = module.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
-                                           mutable=["batch_stats"], rngs={"dropout": key})
-            return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), updates["batch_stats"]
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    state = {"params": v_dev["params"], "batch_stats": v_dev["batch_stats"],
-             "opt": optimizer.init(v_dev["params"]), "key": jax.random.key(0)}
     rng = np.random.default_rng(7)
     images = jax.device_put(rng.random((train_batch, IMAGE, IMAGE, 3), dtype=np.float32), device)
     labels = jax.device_put(rng.integers(0, 2, train_batch).astype(np.float32), device)
 
-    def flax_train():
-        state["key"], key = jax.random.split(state["key"])
-        state["params"], state["batch_stats"], state["opt"], loss = train_step(
-            state["params"], state["batch_stats"], state["opt"], images, labels, key)
-        loss.block_until_ready()
+    def make_train(train_module):
+        """A jitted Adam/BCE step of ``train_module`` on a fixed batch, as a no-argument callable."""
+        @jax.jit
+        def train_step(params, batch_stats, opt_state, images, labels, key):
+            def loss_fn(p):
+                logits, updates = train_module.apply({"params": p, "batch_stats": batch_stats}, images,
+                                                     train=True, mutable=["batch_stats"], rngs={"dropout": key})
+                return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), updates["batch_stats"]
+            (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
-    return infer, flax_train
+        state = {"params": v_dev["params"], "batch_stats": v_dev["batch_stats"],
+                 "opt": optimizer.init(v_dev["params"]), "key": jax.random.key(0)}
+
+        def step():
+            state["key"], key = jax.random.split(state["key"])
+            state["params"], state["batch_stats"], state["opt"], loss = train_step(
+                state["params"], state["batch_stats"], state["opt"], images, labels, key)
+            loss.block_until_ready()
+        return step
+
+    # flax_plain: the Flax module as is; jax_fused: its first block trained with meso_jax.fast_training
+    # (what train.py uses on CPU).
+    train = {"flax_plain": make_train(module), "jax_fused": make_train(module.clone(fused_first_block=True))}
+    return infer, train
 
 
 def keras_model(variables: dict):
@@ -224,8 +230,8 @@ def main() -> None:
         outputs[batch] = {name: np.asarray(score_fn(), np.float64).reshape(batch) for name, (_, score_fn) in
                           by_name.items()}
     if not args.skip_training:
-        flax_train()
-        keras_train()
+        for step in (*flax_train.values(), keras_train):
+            step()
     compile_s = time.perf_counter() - compile_start
 
     def sig(z):
@@ -246,7 +252,7 @@ def main() -> None:
         print(f"inference batch {batch}: " + ", ".join(
             f"{name} {batch / t['median_s']:.0f} img/s" for name, t in timed.items()), flush=True)
     if not args.skip_training:
-        timed = common.interleaved({"flax_plain": flax_train, "keras_tf": keras_train}, args.rounds, args.seconds)
+        timed = common.interleaved({**flax_train, "keras_tf": keras_train}, args.rounds, args.seconds)
         results["training"][args.train_batch] = timed
         print(f"training batch {args.train_batch}: " + ", ".join(
             f"{name} {args.train_batch / t['median_s']:.0f} img/s" for name, t in timed.items()), flush=True)

@@ -1,8 +1,8 @@
 """Training augmentation with OpenCV on uint8 RGB, deterministic for a given numpy Generator.
 
-The seed's Keras ImageDataGenerator settings (rotation +-20 degrees, width/height shifts 0.2,
-horizontal flip, nearest fill, bilinear interpolation) plus brightness/contrast jitter and JPEG
-re-compression. A clip (T, S, S, 3) gets one set of parameters for all its frames. OpenCV runs
+Presets (``AUGMENTATIONS``): "flip" (horizontal flip only), "seed" (the seed's Keras
+ImageDataGenerator settings: rotation +-20 degrees, width/height shifts 0.2, horizontal flip,
+bilinear interpolation) and "full" (seed plus brightness/contrast jitter and JPEG re-compression). A clip (T, S, S, 3) gets one set of parameters for all its frames. OpenCV runs
 these ~10x faster than the equivalent TensorFlow image ops on CPU and releases the GIL, so they run
 in parallel inside tf.data's numpy_function calls.
 """
@@ -28,6 +28,22 @@ class AugmentationSettings:
     jpeg_quality_range: tuple[int, int] = (60, 95)
 
 
+AUGMENTATIONS: dict[str, AugmentationSettings | None] = {
+    "none": None,
+    "flip": AugmentationSettings(rotation_degrees=0.0, shift_fraction=0.0, brightness_delta=0.0,
+                                 contrast_range=(1.0, 1.0), jpeg_probability=0.0),
+    "seed": AugmentationSettings(brightness_delta=0.0, contrast_range=(1.0, 1.0), jpeg_probability=0.0),
+    "full": AugmentationSettings(),
+}
+
+
+def augmentation_settings(name: str) -> AugmentationSettings | None:
+    """The preset called ``name`` (None for "none"); ValueError naming the choices otherwise."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name]
+
+
 def augment_images(images: np.ndarray, rng: np.random.Generator,
                    settings: AugmentationSettings = AugmentationSettings()) -> np.ndarray:
     """Random train-time transforms of uint8 RGB images (S, S, 3) or a clip (T, S, S, 3)."""
@@ -43,16 +59,20 @@ def augment_images(images: np.ndarray, rng: np.random.Generator,
 
     matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle, 1.0)
     matrix[:, 2] += (shift_x, shift_y)
+    geometric = settings.rotation_degrees > 0 or settings.shift_fraction > 0
+    photometric = settings.brightness_delta > 0 or settings.contrast_range != (1.0, 1.0)
     augmented = []
     for frame in frames:
-        frame = cv2.warpAffine(frame, matrix, (width, height), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE)
+        if geometric:
+            frame = cv2.warpAffine(frame, matrix, (width, height), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REPLICATE)
         if mirror:
             frame = cv2.flip(frame, 1)
-        mean = float(frame.mean())
-        levels = np.arange(256, dtype=np.float32)
-        lookup = np.clip(np.round((levels - mean) * contrast + mean + brightness), 0, 255).astype(np.uint8)
-        frame = cv2.LUT(frame, lookup)
+        if photometric:
+            mean = float(frame.mean())
+            levels = np.arange(256, dtype=np.float32)
+            lookup = np.clip(np.round((levels - mean) * contrast + mean + brightness), 0, 255).astype(np.uint8)
+            frame = cv2.LUT(frame, lookup)
         if use_jpeg:
             ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
                                        [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])

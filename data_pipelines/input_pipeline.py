@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from data_pipelines.augment import augment_images
+from data_pipelines.augment import AugmentationSettings, augment_images, augmentation_settings
 from data_pipelines.cache import CachedFile, build_face_cache, parse_record
 from data_pipelines.preprocessing import MediaError, Preprocessing, probe_image, read_image_rgb, resize_image
 from data_pipelines.samples import clip_starts
@@ -57,14 +57,16 @@ def _element_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
 
 
-def _train_examples(images: np.ndarray, label: float, rng: np.random.Generator, augment: bool,
+def _train_examples(images: np.ndarray, label: float, rng: np.random.Generator,
+                    augmentation: AugmentationSettings | None,
                     synthesize_fakes: str | None) -> tuple[np.ndarray, np.ndarray]:
     """One sample -> stacked training examples: itself, plus its self-blended fake in "sbi" mode; augmented."""
     examples = [(images, label)]
     if synthesize_fakes == "sbi":
         examples.append((self_blend(images, rng), FAKE))
-    if augment:
-        examples = [(augment_images(example, rng), example_label) for example, example_label in examples]
+    if augmentation is not None:
+        examples = [(augment_images(example, rng, augmentation), example_label)
+                    for example, example_label in examples]
     return (np.stack([example for example, _ in examples]),
             np.array([example_label for _, example_label in examples], np.float32))
 
@@ -187,18 +189,19 @@ def _to_float(images: tf.Tensor) -> tf.Tensor:
 
 
 def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size: int, seed: int,
-                    val_fraction: float = 0.1, augment: bool = True, cache_dir: str | None = None,
+                    val_fraction: float = 0.1, augment: str = "full", cache_dir: str | None = None,
                     synthesize_fakes: str | None = None, clip_frames: int | None = None,
                     num_shards: int = 1, shard_index: int = 0) -> TrainingData:
     """Training and validation datasets for the labelled folder ``data_dir`` (see sources.py for layouts).
 
-    dataset: "image" or "video". Unreadable files (and files without a face) are skipped and listed in
+    dataset: "image" or "video". augment: a preset of augment.AUGMENTATIONS. Unreadable files (and files without a face) are skipped and listed in
     ``skipped``. synthesize_fakes="sbi" trains on the real files plus one self-blended fake per real
     sample (fake files in the training split are not used). clip_frames=T yields (T, S, S, 3) clips.
     num_shards/shard_index give each host a disjoint, equally long part of every epoch and of val.
     """
     if dataset not in ("image", "video"):
         raise ValueError(f"unknown dataset {dataset!r}; choose image or video")
+    augmentation = augmentation_settings(augment)
     if synthesize_fakes not in (None, *SYNTHESIZERS):
         raise ValueError(f"unknown synthesize_fakes {synthesize_fakes!r}; choose one of {', '.join(SYNTHESIZERS)}")
     if batch_size < 1 or not 0 <= shard_index < num_shards:
@@ -261,12 +264,12 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         samples = samples.enumerate().shard(num_shards, shard_index)
 
         def transform(index, images, label):
-            return _train_examples(images, float(label), _element_rng(seed, epoch, int(index)), augment,
-                                   synthesize_fakes)
+            return _train_examples(images, float(label), _element_rng(seed, epoch, int(index)),
+                                   augmentation, synthesize_fakes)
 
         def to_examples(index, sample):
             images, label, _ = sample
-            if not augment and synthesize_fakes is None:
+            if augmentation is None and synthesize_fakes is None:
                 return images[None], label[None]
             examples, labels = tf.numpy_function(transform, [index, images, label], (tf.uint8, tf.float32),
                                                  stateful=False)

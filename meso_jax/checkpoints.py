@@ -99,9 +99,37 @@ def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), for one-line errors."""
-    text = str(error).strip()
+    """The first line of an exception's message (at most 200 characters), for one-line errors; an OSError
+    gives its plain reason ("No space left on device") and the file it names, if any."""
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror + (f": {error.filename}" if error.filename else "")
+    else:
+        text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"params/ConvBlock_0/Conv_0/kernel": shape} for a tree of arrays or array metadata."""
+    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def shape_mismatch(item_dir: pathlib.Path, expected_tree: Any) -> str | None:
+    """How the arrays saved in the orbax item ``item_dir`` differ from ``expected_tree`` (the first missing,
+    extra or differently shaped array), or None when they fit or the item's metadata cannot be read
+    (a damaged checkpoint: restoring it reports that)."""
+    try:
+        found = _array_shapes(ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree)
+    except Exception:  # pylint: disable=broad-except  (orbax raises many types for damaged files)
+        return None
+    expected = _array_shapes(expected_tree)
+    for name, shape in expected.items():
+        if name not in found:
+            return f"it has no array {name}"
+        if found[name] != shape:
+            return f"{name} has shape {found[name]}, expected {shape}"
+    extra = sorted(set(found) - set(expected))
+    return f"it has an unexpected array {extra[0]}" if extra else None
 
 
 def _steps_best_first(manager: ocp.CheckpointManager) -> list[tuple[int, dict | None]]:
@@ -163,6 +191,10 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                 spec = models.get_model(model_name)
                 abstract = jax.eval_shape(lambda: models.init_variables(spec, 0))
                 abstract = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+                mismatch = shape_mismatch(pathlib.Path(manager.directory) / str(step) / "model", abstract)
+                if mismatch:
+                    raise CheckpointError(f"{path}: step {step} says it is {model_name}, but its arrays do not fit "
+                                          f"{model_name}: {mismatch}")
                 try:
                     restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
                 except Exception as error:  # pylint: disable=broad-except  (damaged files: try the next one)

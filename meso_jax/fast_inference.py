@@ -17,18 +17,19 @@ first layer alone takes ~6x as long as oneDNN's. This module computes each of th
 The fourth block (32x32, 16 -> 16) keeps XLA's convolution, where it is competitive. The result
 equals ``models.get_model("meso4").module.apply(variables, x, train=False)`` to float32 rounding
 (sums in a different order; |difference| ~1e-6 on logits). Inference only: the autodiff of this
-formulation is slow, so training uses the Flax module.
+formulation is slow; training uses fast_training's fused block, which has its own gradient.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meso_jax import models
+from meso_jax import fast_training, models
 
 # Max-pool size of each Meso-4 block; kernel sizes and channels come from the variables.
 MESO4_POOLS = (2, 2, 2, 4)
@@ -53,37 +54,9 @@ def _relu_bn_after_pool(pooled_max: jax.Array, pooled_min: jax.Array, scale: jax
 def _phased_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,
                   pool: int) -> jax.Array:
     """conv(SAME)+bias -> ReLU -> BatchNorm(folded) -> max-pool(pool), without a conv op (NHWC)."""
-    batch, height, width, in_channels = x.shape
-    k = kernel.shape[0]
-    half = (k - 1) // 2
-    out_h, out_w = height // pool, width // pool
-    padded = jnp.pad(x, ((0, 0), (half, k - 1 - half), (half, k - 1 - half), (0, 0)))
-    out_shape = (batch, out_h, out_w, kernel.shape[-1])
-    # Built from lax primitives with explicit broadcasts: ~1,700 terms per network, so the Python
-    # tracing cost (paid at every start-up, even with a warm compilation cache) matters.
-    weights = [[[jax.lax.broadcast_in_dim(kernel[ky, kx, c], out_shape, (3,)) for c in range(in_channels)]
-                for kx in range(k)] for ky in range(k)]
-    bias_b = jax.lax.broadcast_in_dim(bias, out_shape, (3,))
-    phase_max = phase_min = None
-    for dy in range(pool):
-        for dx in range(pool):
-            total = bias_b
-            for ky in range(k):
-                for kx in range(k):
-                    for c in range(in_channels):
-                        plane = jax.lax.slice(
-                            padded,
-                            (0, dy + ky, dx + kx, c),
-                            (batch, dy + ky + pool * (out_h - 1) + 1, dx + kx + pool * (out_w - 1) + 1, c + 1),
-                            (1, pool, pool, 1))
-                        plane = jax.lax.broadcast_in_dim(plane, out_shape, (0, 1, 2, 3))
-                        total = jax.lax.add(total, jax.lax.mul(plane, weights[ky][kx][c]))
-            if phase_max is None:
-                phase_max = phase_min = total
-            else:
-                phase_max = jax.lax.max(phase_max, total)
-                phase_min = jax.lax.min(phase_min, total)
-    return _relu_bn_after_pool(phase_max, phase_min, scale, shift)
+    phases = fast_training.pool_phase_conv(x, kernel, bias, pool)
+    return _relu_bn_after_pool(functools.reduce(jax.lax.max, phases), functools.reduce(jax.lax.min, phases),
+                               scale, shift)
 
 
 def _conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meso_jax import checkpoints, keras_import, metrics, models
+from meso_jax import checkpoints, fast_training, keras_import, metrics, models
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
 
@@ -62,7 +63,7 @@ class TrainConfig:
     data_dir: str = ""
     dataset: str = "image"  # image | video
     val_fraction: float = 0.1
-    augment: bool = True
+    augment: str = "full"
     cache_dir: str | None = None
     synthesize_fakes: str | None = None
     preprocessing: dict = dataclasses.field(default_factory=dict)  # data_pipelines Preprocessing.to_dict()
@@ -98,12 +99,20 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     return optax.adam(schedule)
 
 
+def training_module(spec: models.ModelSpec) -> nn.Module:
+    """The module train steps apply: Meso-4 with its fused first block where fast_training is enabled
+    (same variables and results as ``spec.module``)."""
+    if isinstance(spec.module, models.Meso4) and fast_training.enabled():
+        return spec.module.clone(fused_first_block=True)
+    return spec.module
+
+
 def create_train_state(spec: models.ModelSpec, config: TrainConfig, total_steps: int,
                        variables: dict | None = None) -> TrainState:
     """A fresh TrainState, initialised from ``variables`` when given (e.g. imported Keras weights)."""
     variables = variables or models.init_variables(spec, config.seed)
     return TrainState.create(
-        apply_fn=spec.module.apply,
+        apply_fn=training_module(spec).apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=make_optimizer(config, total_steps),
@@ -226,6 +235,11 @@ def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None]
             if found_model is not None and found_model != expected_model:
                 raise TrainingError(f"--workdir {pathlib.Path(manager.directory).parent} holds checkpoints of "
                                     f"model {found_model}, not --model={expected_model}; use another --workdir")
+            mismatch = checkpoints.shape_mismatch(pathlib.Path(manager.directory) / str(step) / "model",
+                                                  abstract_tree["model"])
+            if mismatch:
+                raise TrainingError(f"--workdir {pathlib.Path(manager.directory).parent}: the checkpoint of step {step} "
+                                    f"does not fit --model={expected_model} ({mismatch}); use another --workdir")
         try:
             tree, metadata = checkpoints.restore_train_state(manager, step, abstract_tree)
             return tree, metadata, step
@@ -237,30 +251,62 @@ def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None]
 
 
 class TrainingInterrupted(TrainingError):
-    """Ctrl-C (SIGINT) during training; the checkpoints on disk are complete."""
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM (e.g. a cluster's pre-emption); the checkpoints on disk
+    are complete. ``exit_code`` is the shell's convention for the signal (128 + its number)."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signal_number)
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Holds back Ctrl-C while a checkpoint is written, then raises KeyboardInterrupt once it is complete.
-
-    Only in the main thread (signal handlers cannot be set elsewhere); a second Ctrl-C is held back too.
+class _StopSignals:
+    """SIGINT and SIGTERM during training: the first one asks the loop to stop after the current step
+    (``requested`` holds the signal), so it can save a checkpoint there; a second SIGINT raises
+    KeyboardInterrupt at once, except while a checkpoint is written (``saving()``), where it waits until the
+    checkpoint is complete. Handlers are installed in the main thread only and restored on exit.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-    if received:
-        raise KeyboardInterrupt
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: signal.Signals | None = None
+        self._previous: dict = {}
+        self._saving = False
+        self._held_interrupt = False
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                try:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+                except ValueError:  # not the main interpreter
+                    break
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame) -> None:
+        del frame
+        if self.requested is None:
+            self.requested = signal.Signals(signum)
+        elif signum == signal.SIGINT:
+            if self._saving:
+                self._held_interrupt = True
+            else:
+                raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A checkpoint is being written: a second Ctrl-C waits for it."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._held_interrupt:
+            raise KeyboardInterrupt
 
 
 def _release(iterator: Any) -> None:
@@ -450,7 +496,7 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
             # The loss of the last step was finite, but its update was not: never save a broken model.
             raise TrainingError(f"the model's parameters became non-finite at step {step}; stopped; {last_saved()}")
         try:
-            with _sigint_deferred():  # a Ctrl-C now would leave only a temporary folder, but waiting costs < 1 s
+            with stop_signals.saving():  # a Ctrl-C now would leave only a temporary folder; waiting costs < 1 s
                 checkpoints.save_train_state(manager, step, tree, metadata, metrics=epoch_metrics)
         except (OSError, ValueError, RuntimeError) as error:  # disk full, folder removed...: orbax/tensorstore
             raise TrainingError(f"cannot save the checkpoint of step {step} in {manager.directory} "
@@ -466,65 +512,82 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
     start_epoch = step // steps_per_epoch
     if start_epoch >= config.epochs:
         log(f"nothing to do: {workdir} already holds {start_epoch} epochs (--epochs={config.epochs})")
+    stop_signals = _StopSignals()
+
+    def stop_if_requested(saved: bool) -> None:
+        if stop_signals.requested is None:
+            return
+        if not saved:
+            save(step, None)
+            manager.wait_until_finished()
+        raise TrainingInterrupted(f"stopped by {stop_signals.requested.name} at step {step}; checkpoint of step "
+                                  f"{step} saved in {manager.directory}; run the same command again to resume",
+                                  stop_signals.requested)
+
     try:
-        for epoch in range(start_epoch, config.epochs):
-            skip = step - epoch * steps_per_epoch
-            started = time.time()
-            loss_sum, accuracy_sum, counted = 0.0, 0.0, 0
-            progress = _progress(config, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}")
-            pending: list[dict] = []
-            batches = epoch_batches(epoch, skip)
-            try:
-                for batch in batches:
-                    state, step_metrics = jitted_train_step(state, parallel.shard_batch(
-                        {key: batch[key] for key in ("image", "label", "weight")}))
-                    pending.append(step_metrics)
-                    step += 1
-                    if progress is not None:
-                        progress.update(1)
-                    if (step % config.log_every_steps == 0 or step % steps_per_epoch == 0
-                            or step % config.checkpoint_every_steps == 0):
-                        values = jax.device_get(pending)
-                        pending = []
-                        losses = np.array([v["loss"] for v in values])
-                        if not np.all(np.isfinite(losses)):
-                            first_bad = int(np.argmin(np.isfinite(losses)))
-                            raise TrainingError(f"loss became {losses[first_bad]} at step "
-                                                f"{step - len(losses) + first_bad + 1}; stopped; {last_saved()}")
-                        loss_sum += float(losses.sum())
-                        accuracy_sum += float(sum(v["accuracy"] for v in values))
-                        counted += len(values)
+        with stop_signals:
+            for epoch in range(start_epoch, config.epochs):
+                skip = step - epoch * steps_per_epoch
+                started = time.time()
+                loss_sum, accuracy_sum, counted = 0.0, 0.0, 0
+                progress = _progress(config, steps_per_epoch, skip, f"epoch {epoch + 1}/{config.epochs}")
+                pending: list[dict] = []
+                batches = epoch_batches(epoch, skip)
+                try:
+                    for batch in batches:
+                        state, step_metrics = jitted_train_step(state, parallel.shard_batch(
+                            {key: batch[key] for key in ("image", "label", "weight")}))
+                        pending.append(step_metrics)
+                        step += 1
                         if progress is not None:
-                            progress.set_postfix(loss=f"{loss_sum / counted:.4f}", acc=f"{accuracy_sum / counted:.3f}")
-                    if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
-                        save(step, None)
-            finally:
-                # The epoch's input iterator (tf.data: threads and C++ resources) must not outlive the epoch,
-                # also on an error or Ctrl-C: one left alive at interpreter exit can hang or abort TensorFlow.
-                _release(batches)
-                del batches
-                if progress is not None:
-                    progress.close()
-            train_seconds = time.time() - started
-            trained_steps = step - epoch * steps_per_epoch - skip
-            epoch_metrics = {
-                "epoch": epoch + 1, "step": step,
-                "train_loss": loss_sum / max(counted, 1), "train_accuracy": accuracy_sum / max(counted, 1),
-                "learning_rate": float(learning_rate_schedule(config, total_steps)(step)),
-                "train_images_per_second": trained_steps * config.batch_size / max(train_seconds, 1e-9),
-            }
-            validation = val_batches()
-            try:
-                epoch_metrics.update(evaluate(state, validation, parallel, config.batch_size, jitted_eval_step,
-                                              video_level))
-            finally:
-                _release(validation)
-                del validation
-            epoch_metrics["seconds"] = time.time() - started
-            save(step, epoch_metrics)
-            events.write(step, epoch_metrics)
-            log(format_epoch(epoch_metrics))
-            last_metrics = epoch_metrics
+                            progress.update(1)
+                        if (step % config.log_every_steps == 0 or step % steps_per_epoch == 0
+                                or step % config.checkpoint_every_steps == 0):
+                            values = jax.device_get(pending)
+                            pending = []
+                            losses = np.array([v["loss"] for v in values])
+                            if not np.all(np.isfinite(losses)):
+                                first_bad = int(np.argmin(np.isfinite(losses)))
+                                raise TrainingError(f"loss became {losses[first_bad]} at step "
+                                                    f"{step - len(losses) + first_bad + 1}; stopped; {last_saved()}")
+                            loss_sum += float(losses.sum())
+                            accuracy_sum += float(sum(v["accuracy"] for v in values))
+                            counted += len(values)
+                            if progress is not None:
+                                progress.set_postfix(loss=f"{loss_sum / counted:.4f}", acc=f"{accuracy_sum / counted:.3f}")
+                        if step % steps_per_epoch:  # the epoch's last step is saved after validation
+                            checkpoint_due = step % config.checkpoint_every_steps == 0
+                            if checkpoint_due:
+                                save(step, None)
+                            stop_if_requested(saved=checkpoint_due)
+                finally:
+                    # The epoch's input iterator (tf.data: threads and C++ resources) must not outlive the epoch,
+                    # also on an error or Ctrl-C: one left alive at interpreter exit can hang or abort TensorFlow.
+                    _release(batches)
+                    del batches
+                    if progress is not None:
+                        progress.close()
+                train_seconds = time.time() - started
+                trained_steps = step - epoch * steps_per_epoch - skip
+                epoch_metrics = {
+                    "epoch": epoch + 1, "step": step,
+                    "train_loss": loss_sum / max(counted, 1), "train_accuracy": accuracy_sum / max(counted, 1),
+                    "learning_rate": float(learning_rate_schedule(config, total_steps)(step)),
+                    "train_images_per_second": trained_steps * config.batch_size / max(train_seconds, 1e-9),
+                }
+                validation = val_batches()
+                try:
+                    epoch_metrics.update(evaluate(state, validation, parallel, config.batch_size, jitted_eval_step,
+                                                  video_level))
+                finally:
+                    _release(validation)
+                    del validation
+                epoch_metrics["seconds"] = time.time() - started
+                save(step, epoch_metrics)
+                events.write(step, epoch_metrics)
+                log(format_epoch(epoch_metrics))
+                last_metrics = epoch_metrics
+                stop_if_requested(saved=True)
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"interrupted at step {step}; {last_saved()}; "
                                   "run the same command again to resume") from None

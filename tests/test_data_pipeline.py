@@ -90,7 +90,7 @@ def test_training_order_is_a_function_of_seed_and_epoch(image_folder):
 
 def test_training_without_augmentation_sees_the_plain_model_inputs(image_folder):
     data = create_datasets(str(image_folder), "image", SMALL, batch_size=2, seed=0, val_fraction=0.25,
-                           augment=False)
+                           augment="none")
     expected = {to_model_input(read_image_rgb(path), SMALL).tobytes()
                 for path in map(str, image_folder.glob("*/img*.png"))}
     for batch in batches(data.train):

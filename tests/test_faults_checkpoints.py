@@ -118,6 +118,23 @@ def test_a_checkpoint_of_another_model_is_one_clear_error(tmp_path) -> None:
     message = str(error.value)
     assert "\n" not in message and "expected a MesoNet checkpoint (meso4" in message and "'resnet50'" in message
 
+    # Metadata says meso4 but the arrays are another network's (e.g. a modified Meso-4 with 16 first filters):
+    # expected-vs-found, not "damaged", for prediction and for resuming training.
+    wide = jax.tree_util.tree_map(np.asarray, variables)
+    wide["params"]["ConvBlock_0"]["Conv_0"]["kernel"] = np.zeros((3, 3, 3, 16), np.float32)
+    mislabelled = tmp_path / "mislabelled"
+    with checkpoints.open_manager(mislabelled) as mislabelled_manager:
+        mislabelled_manager.save(0, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(wide), metadata=ocp.args.JsonSave({"model": "meso4"})))
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"step 0 says it is meso4, but its arrays do not fit meso4: "
+                             r"params/ConvBlock_0/Conv_0/kernel has shape \(3, 3, 3, 16\), expected \(3, 3, 3, 8\)$"):
+        checkpoints.load_model(mislabelled)
+    with checkpoints.open_manager(mislabelled, create=False) as mislabelled_manager:
+        with pytest.raises(train.TrainingError, match=r"the checkpoint of step 0 does not fit --model=meso4 "
+                                                      r"\(params/ConvBlock_0/Conv_0/kernel has shape"):
+            train.restore_latest_good(mislabelled_manager, abstract, print, expected_model="meso4")
+
     # A folder that is not a checkpoint at all.
     (tmp_path / "empty").mkdir()
     with pytest.raises(checkpoints.CheckpointError, match="holds no checkpoint"):
@@ -132,18 +149,27 @@ def test_nothing_is_unpickled() -> None:
     assert not offenders
 
 
-def test_ctrl_c_during_a_save_is_held_back_until_the_save_is_complete() -> None:
+def test_stop_signals_ask_to_stop_and_a_second_ctrl_c_waits_for_the_save() -> None:
     import os
     import signal
     import time
 
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     finished = []
-    with pytest.raises(KeyboardInterrupt):
-        with train._sigint_deferred():  # pylint: disable=protected-access
+    with train._StopSignals() as stop:  # pylint: disable=protected-access
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested == signal.SIGTERM  # recorded; nothing raised
+        with pytest.raises(KeyboardInterrupt):
+            with stop.saving():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler has run by now: nothing was raised inside the save
+                finished.append(True)
+        with pytest.raises(KeyboardInterrupt):  # outside a save, a second Ctrl-C interrupts at once
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the handler has run by now: nothing was raised inside the save
-            finished.append(True)
-    assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            time.sleep(0.05)
+    assert finished
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 def test_a_resumed_run_logs_each_epoch_once(tmp_path) -> None:

@@ -1,8 +1,8 @@
 """train_main.py under faults, end to end in subprocesses on a tiny synthetic image folder:
-kill -9 and resume (deterministic), NaN loss, Ctrl-C, unreadable files, an empty class, unwritable places.
+kill -9 and resume (deterministic), NaN loss, Ctrl-C and SIGTERM, a disk filling up, unreadable files, an empty class, unwritable places.
 
 Slow work is kept small: 48 images of 32x32, batch 8, 2 epochs of 5 steps, and a shared persistent
-compilation cache so that only the first run compiles. The NaN and Ctrl-C runs replace the train step
+compilation cache so that only the first run compiles. The NaN and signal runs replace the train step
 by a trivial one (no compile) through a small launcher, so they exercise train_main's handling only.
 """
 
@@ -27,11 +27,19 @@ TRAIN_FLAGS = ("--dataset=image", "--face_detector=none", "--batch_size=8", "--c
 
 # Runs train_main with the train step replaced by a trivial one (loss NaN at 0-based step NAN_AT, if >= 0)
 # and every batch slowed by SLOW seconds: train_main's fault handling without the cost of compiling Meso-4.
+# With FULL_DISK_AT=N in the environment, saving a checkpoint of step >= N fails as on a full disk.
 LAUNCHER = """
-import runpy, sys, time
+import errno, os, runpy, sys, time
 import jax.numpy as jnp
-from meso_jax import train
+from meso_jax import checkpoints, train
 NAN_AT, SLOW = int(sys.argv[1]), float(sys.argv[2])
+FULL_DISK_AT = int(os.environ.get("FULL_DISK_AT", "-1"))
+original_save = checkpoints.save_train_state
+def save_until_the_disk_is_full(manager, step, *args, **kwargs):
+    if 0 <= FULL_DISK_AT <= step:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return original_save(manager, step, *args, **kwargs)
+checkpoints.save_train_state = save_until_the_disk_is_full
 
 def trivial_step(state, batch, loss="bce"):
     value = jnp.where(state.step == NAN_AT, jnp.nan, 0.5).astype(jnp.float32)
@@ -162,19 +170,35 @@ def test_nan_loss_is_one_line_with_the_step_and_the_last_good_checkpoint(tmp_pat
     assert time.time() - started < 200  # and it exits: no tf.data iterator left to hang the interpreter
 
 
-def test_ctrl_c_saves_nothing_half_written_and_says_how_to_resume(tmp_path, data_dir, env):
+def test_a_disk_filling_up_mid_training_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, env):
+    process = _launch(-1, 0.0, f"--data_dir={data_dir}", f"--workdir={tmp_path}", *TRAIN_FLAGS,
+                      env=dict(env, FULL_DISK_AT="4"))
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert re.fullmatch(r"train_main: error: cannot save the checkpoint of step 4 in \S+checkpoints \(No space left "
+                        r"on device\); the last good checkpoint \(step 2\) is kept in \S+checkpoints",
+                        _last_line(stderr)), _last_line(stderr)
+    assert _steps(tmp_path) == [2]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_there(tmp_path, data_dir, env, signal_number):
     process = _launch(-1, 0.3, f"--data_dir={data_dir}", f"--workdir={tmp_path}", *TRAIN_FLAGS, env=env)
     try:
         _wait_for_checkpoint(process, tmp_path)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal_number)
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr[-3000:]
+    assert process.returncode == 128 + signal_number, stderr[-3000:]
     assert "Traceback" not in stderr
-    assert re.fullmatch(r"train_main: interrupted at step \d+; the last good checkpoint \(step \d+\) is kept in "
-                        r".*; run the same command again to resume", _last_line(stderr)), _last_line(stderr)
-    assert _steps(tmp_path) and not list((tmp_path / "checkpoints").glob("*tmp*"))
+    name = signal.Signals(signal_number).name
+    match = re.fullmatch(rf"train_main: stopped by {name} at step (\d+); checkpoint of step (\d+) saved in "
+                         r".*checkpoints; run the same command again to resume", _last_line(stderr))
+    assert match and match[1] == match[2], _last_line(stderr)
+    assert _steps(tmp_path)[-1] == int(match[1])  # nothing lost: the step it stopped at is on disk
+    assert not list((tmp_path / "checkpoints").glob("*tmp*"))
 
 
 def _main_in_process(monkeypatch, *args: str) -> int:

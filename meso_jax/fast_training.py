@@ -1,0 +1,147 @@
+"""A fused training-mode "conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool" block with its own gradient.
+
+Meso-4's first block (256x256, 3 -> 8 channels, 3x3, pool 2) is most of a training step on CPU: XLA's
+convolution with 3 input channels is slow, and so is the automatic gradient of the max-pool. This op
+computes the same block (BatchNorm on batch statistics, as in training) in two parts:
+
+* Forward, pool-phase decomposition (shared with fast_inference): for each pooling phase (dy, dx) the
+  conv outputs at rows p*i + dy, columns p*j + dx are one fused sum of k*k*Cin stride-p slices of the
+  padded input times weight vectors. BatchNorm's per-channel affine map y = (a - mean) * s + offset
+  is monotone, so the max over a window of y comes from the window's max of a = relu(z) (s >= 0) or
+  its min (s < 0): the normalisation is applied once, after pooling.
+* Backward, written out: BatchNorm's gradient in closed form (every pooled output selects exactly one
+  position of its window), the ReLU mask, then the weight (and input) gradients of the convolution
+  from XLA's own transposed convolutions on the re-interleaved full-resolution gradient. The input
+  gradient is dead code for a first layer and XLA removes it.
+
+Results equal the Flax ConvBlock's (models.ConvBlock) in float32; in tests against a float64
+reference the fused gradients are the more accurate of the two. Measured in
+benchmarks/model_throughput.py ("training" rows); used by train.py on CPU for Meso-4
+(``MESO_JAX_FAST_TRAINING=0`` turns it off).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+_CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def pool_phase_conv(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, pool: int) -> list[jax.Array]:
+    """conv(SAME) + bias of ``x_bhwc``, split by max-pool phase: ``[z(dy, dx) for dy, dx]`` (row-major),
+    each (B, H // pool, W // pool, Cout) holding the outputs at rows pool*i + dy, columns pool*j + dx.
+
+    Built from lax primitives with explicit broadcasts, one term per kernel tap and input channel, so
+    XLA fuses each phase into a single loop (and the Python tracing cost stays small).
+    """
+    batch, height, width, in_channels = x_bhwc.shape
+    k = kernel.shape[0]
+    half = (k - 1) // 2
+    out_h, out_w = height // pool, width // pool
+    padded = jnp.pad(x_bhwc, ((0, 0), (half, k - 1 - half), (half, k - 1 - half), (0, 0)))
+    out_shape = (batch, out_h, out_w, kernel.shape[-1])
+    weights = [[[jax.lax.broadcast_in_dim(kernel[ky, kx, c], out_shape, (3,)) for c in range(in_channels)]
+                for kx in range(k)] for ky in range(k)]
+    bias_b = jax.lax.broadcast_in_dim(bias, out_shape, (3,))
+    phases = []
+    for dy in range(pool):
+        for dx in range(pool):
+            total = bias_b
+            for ky in range(k):
+                for kx in range(k):
+                    for c in range(in_channels):
+                        plane = jax.lax.slice(
+                            padded,
+                            (0, dy + ky, dx + kx, c),
+                            (batch, dy + ky + pool * (out_h - 1) + 1, dx + kx + pool * (out_w - 1) + 1, c + 1),
+                            (1, pool, pool, 1))
+                        plane = jax.lax.broadcast_in_dim(plane, out_shape, (0, 1, 2, 3))
+                        total = jax.lax.add(total, jax.lax.mul(plane, weights[ky][kx][c]))
+            phases.append(total)
+    return phases
+
+
+def _conv(x_bhwc: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x_bhwc, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMENSIONS)
+
+
+def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon):
+    batch, height, width, _ = x_bhwc.shape
+    phases = pool_phase_conv(x_bhwc, kernel, bias, pool)
+    count = batch * height * width
+    # Batch statistics of relu(z) over all positions, as flax.linen.BatchNorm computes them.
+    mean = sum(jnp.sum(jax.nn.relu(z), axis=(0, 1, 2)) for z in phases) / count
+    mean_of_squares = sum(jnp.sum(jnp.square(jax.nn.relu(z)), axis=(0, 1, 2)) for z in phases) / count
+    var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    channel_scale = scale * inv_std
+    z_max = functools.reduce(jnp.maximum, phases)
+    z_min = functools.reduce(jnp.minimum, phases)
+    selected = jax.nn.relu(jnp.where(channel_scale >= 0, z_max, z_min))  # the activation each output takes
+    pooled = (selected - mean) * channel_scale + offset
+    return (pooled, mean, var), (x_bhwc, kernel, phases, selected, mean, inv_std, scale)
+
+
+def _backward(pool, epsilon, residuals, cotangents):
+    del epsilon
+    x_bhwc, kernel, phases, selected, mean, inv_std, scale = residuals
+    grad_pooled = cotangents[0]  # the statistics outputs are returned under stop_gradient
+    batch, height, width, _ = x_bhwc.shape
+    count = batch * height * width
+    grad_offset = jnp.sum(grad_pooled, axis=(0, 1, 2))
+    grad_scale = jnp.sum(grad_pooled * (selected - mean) * inv_std, axis=(0, 1, 2))
+    # d/da of BatchNorm on batch statistics; the pooled gradient reaches only the selected position
+    # (the first phase holding the selected value, as XLA's max-pool gradient picks the first maximum).
+    taken = jnp.zeros(grad_pooled.shape, bool)
+    grad_phases = []
+    for z in phases:
+        activation = jax.nn.relu(z)
+        chosen = (activation == selected) & ~taken
+        taken = taken | chosen
+        grad_activation = scale * inv_std * (jnp.where(chosen, grad_pooled, 0.0) - grad_offset / count
+                                             - (activation - mean) * inv_std * grad_scale / count)
+        grad_phases.append(jnp.where(z > 0, grad_activation, 0.0))
+    grad_bias = sum(jnp.sum(g, axis=(0, 1, 2)) for g in grad_phases)
+    out_h, out_w = height // pool, width // pool
+    grad_z = (jnp.stack(grad_phases).reshape(pool, pool, batch, out_h, out_w, -1)
+              .transpose(2, 3, 0, 4, 1, 5).reshape(batch, height, width, -1))
+    _, conv_vjp = jax.vjp(_conv, x_bhwc, kernel)
+    grad_x, grad_kernel = conv_vjp(grad_z)
+    return grad_x, grad_kernel, grad_bias, grad_scale, grad_offset
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon):
+    return _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon)[0]
+
+
+_fused_block.defvjp(_forward, _backward)
+
+
+def supports(input_shape: tuple[int, ...], kernel_size: int, pool: int) -> bool:
+    """Whether the fused block computes an input of ``input_shape`` (B, H, W, C): odd kernel,
+    height and width divisible by the pool."""
+    return len(input_shape) == 4 and kernel_size % 2 == 1 and input_shape[1] % pool == 0 \
+        and input_shape[2] % pool == 0
+
+
+def conv_relu_bn_pool_train(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array,
+                            offset: jax.Array, pool: int, epsilon: float
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode block: max_pool(BatchNorm(relu(conv(x) + bias))) with batch statistics.
+
+    kernel (k, k, Cin, Cout) with k odd, SAME padding; BatchNorm ``scale``/``offset`` (Cout,);
+    H and W divisible by ``pool``. Returns (pooled (B, H/pool, W/pool, Cout), batch mean, batch
+    variance (biased) of the ReLU outputs); the statistics carry no gradient.
+    """
+    pooled, mean, var = _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon)
+    return pooled, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+
+
+def enabled() -> bool:
+    """Use the fused block in training: on CPU (where it is faster), unless MESO_JAX_FAST_TRAINING=0."""
+    return os.environ.get("MESO_JAX_FAST_TRAINING", "1") != "0" and jax.default_backend() == "cpu"

@@ -1,0 +1,96 @@
+"""The fused training block (meso_jax/fast_training.py) against the Flax ConvBlock and a float64 reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meso_jax import fast_training, models, train
+
+EPSILON = models.KERAS_BN_EPSILON
+
+
+def _reference_block(x, kernel, bias, scale, offset, pool):
+    """conv -> ReLU -> BatchNorm (batch statistics) -> max-pool, with XLA's ops and autodiff."""
+    z = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    a = jax.nn.relu(z)
+    mean = a.mean((0, 1, 2))
+    var = jnp.mean(jnp.square(a), (0, 1, 2)) - jnp.square(mean)
+    y = (a - mean) * jax.lax.rsqrt(var + EPSILON) * scale + offset
+    window = (1, pool, pool, 1)
+    return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, window, window, "VALID"), mean, var
+
+
+def _random_block(rng, batch, size, kernel_size, in_channels, out_channels, pool):
+    x = rng.random((batch, size, size, in_channels), np.float32)
+    kernel = rng.standard_normal((kernel_size, kernel_size, in_channels, out_channels), np.float32) * 0.3
+    bias = rng.standard_normal(out_channels, np.float32) * 0.1
+    scale = rng.standard_normal(out_channels, np.float32)  # both signs: max and min pooling paths
+    scale[0], scale[1] = abs(scale[0]) + 0.1, -abs(scale[1]) - 0.1
+    offset = rng.standard_normal(out_channels, np.float32)
+    upstream = rng.standard_normal((batch, size // pool, size // pool, out_channels), np.float32)
+    return (x, kernel, bias, scale, offset), upstream
+
+
+@pytest.mark.parametrize("kernel_size,in_channels,out_channels,pool", [(3, 3, 8, 2), (5, 8, 8, 2), (3, 2, 4, 4)])
+def test_fused_block_matches_a_float64_reference_in_value_and_gradient(kernel_size, in_channels, out_channels, pool):
+    inputs, upstream = _random_block(np.random.default_rng(kernel_size * 10 + pool), 3, 32, kernel_size,
+                                     in_channels, out_channels, pool)
+
+    def loss(block, *arrays):
+        pooled, _, _ = block(*arrays, pool)
+        return jnp.sum(pooled * arrays[0].dtype.type(1) * upstream.astype(arrays[0].dtype))
+
+    fused = lambda *a: fast_training.conv_relu_bn_pool_train(*a, EPSILON)  # noqa: E731
+    outputs = jax.jit(fused, static_argnums=5)(*inputs, pool)
+    grads = jax.jit(jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2, 3, 4)))(*inputs)
+    with jax.enable_x64(True):
+        inputs64 = [np.asarray(a, np.float64) for a in inputs]
+        expected = _reference_block(*inputs64, pool)
+        expected_grads = jax.grad(lambda *a: loss(_reference_block, *a), argnums=(0, 1, 2, 3, 4))(*inputs64)
+        expected = [np.asarray(e) for e in expected]
+        expected_grads = [np.asarray(g) for g in expected_grads]
+    for got, want in zip(outputs, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(("x", "kernel", "bias", "scale", "offset"), grads, expected_grads):
+        scale_of = np.max(np.abs(want)) + 1e-6
+        assert np.max(np.abs(np.asarray(got) - want)) / scale_of < 1e-4, name
+
+
+def test_meso4_fused_first_block_trains_like_the_flax_module():
+    """Same logits (dropout on), running statistics and parameter gradients as the plain module."""
+    spec = models.get_model("meso4")
+    variables = models.init_variables(spec, seed=3)
+    images = np.random.default_rng(0).random((4, 256, 256, 3), np.float32)
+    rngs = {"dropout": jax.random.key(7)}
+
+    def run(module):
+        def loss(params):
+            logits, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                                           train=True, mutable=["batch_stats"], rngs=rngs)
+            return jnp.sum(jnp.sin(logits)), (logits, updates)
+        (_, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        return logits, updates["batch_stats"], grads
+
+    plain = run(spec.module)
+    fused = run(spec.module.clone(fused_first_block=True))
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-4, atol=1e-4)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), fused[1], plain[1])
+    plain_grads = jax.tree_util.tree_leaves_with_path(plain[2])
+    for (path, want), got in zip(plain_grads, jax.tree_util.tree_leaves(fused[2])):
+        error = np.max(np.abs(np.asarray(got) - np.asarray(want))) / (np.max(np.abs(np.asarray(want))) + 1e-6)
+        assert error < 2e-3, (jax.tree_util.keystr(path), error)
+    # Inference is untouched by the flag.
+    np.testing.assert_array_equal(
+        spec.module.clone(fused_first_block=True).apply(variables, images[:1], train=False),
+        spec.module.apply(variables, images[:1], train=False))
+
+
+def test_training_uses_the_fused_block_on_cpu_unless_turned_off(monkeypatch):
+    spec = models.get_model("meso4")
+    assert train.training_module(spec).fused_first_block == (jax.default_backend() == "cpu")
+    monkeypatch.setenv("MESO_JAX_FAST_TRAINING", "0")
+    assert not train.training_module(spec).fused_first_block
+    assert train.training_module(models.get_model("mesoinception4")) is models.get_model("mesoinception4").module
