@@ -53,7 +53,6 @@ def matmul_peak(seconds: float) -> dict:
 def flax_contenders(variables: dict, batches: list[int], train_batch: int):
     """Plain Flax and fast-path inference functions, and Flax train steps (Adam, BCE, BN train)."""
     import jax
-    import jax.numpy as jnp
     import optax
     from meso_jax import fast_inference, models
 
@@ -219,7 +218,7 @@ def main() -> None:
 
     peak = matmul_peak(args.seconds)
     peak_gflops = max(peak.values())
-    print(f"float32 matmul 2048^3: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()), flush=True)
+    print("float32 matmul 2048^3: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()), flush=True)
 
     compile_start = time.perf_counter()
     flax_infer, flax_train = flax_contenders(variables, batches, args.train_batch)

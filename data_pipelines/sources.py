@@ -1,8 +1,9 @@
 """Finding media files, their labels (real/fake) and splits, and splitting by source without leakage.
 
 Layouts understood (folder names case-insensitive):
-  <data_dir>/{real,fake}/**            (also original/manipulated)
-  <data_dir>/{train,val,test}/{real,fake}/**   (val may be missing: it is then split off train)
+  <data_dir>/{real,fake}/**            (also original/manipulated, and MesoNet's df/f2f for fakes)
+  <data_dir>/{train,val,test}/{real,fake}/**   (val may be missing: it is then split off train;
+                                                MesoNet's train_test/validation folders work too)
 Sources: all frames of one video (images in one sub-folder, or named <video>_<frame>), a fake and
 its original when metadata.csv / metadata.json says so (DFDC "original" column), and FaceForensics++
 names (xxx, xxx_yyy, <prefix>_xxx_yyy) are kept in one split.
@@ -25,8 +26,9 @@ from data_pipelines.preprocessing import MediaError, media_kind
 
 REAL, FAKE = 1.0, 0.0
 CLASS_FOLDERS = {"real": REAL, "original": REAL, "originals": REAL,
-                 "fake": FAKE, "fakes": FAKE, "manipulated": FAKE}
-SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "fake": FAKE, "fakes": FAKE, "manipulated": FAKE,
+                 "df": FAKE, "deepfake": FAKE, "deepfakes": FAKE, "f2f": FAKE}  # MesoNet's folders: df, f2f
+SPLIT_FOLDERS = {"train": "train", "training": "train", "train_test": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test"}
 METADATA_FILES = ("metadata.csv", "metadata.json")
 

@@ -119,7 +119,7 @@ def shape_mismatch(item_dir: pathlib.Path, expected_tree: Any) -> str | None:
     extra or differently shaped array), or None when they fit or the item's metadata cannot be read
     (a damaged checkpoint: restoring it reports that)."""
     try:
-        found = _array_shapes(ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree)
+        found = _array_shapes(ocp.StandardCheckpointHandler().metadata(item_dir))
     except Exception:  # pylint: disable=broad-except  (orbax raises many types for damaged files)
         return None
     expected = _array_shapes(expected_tree)

@@ -95,7 +95,7 @@ class Scorer:
         self.spec = models.get_model(loaded_model.model_name)
         self.model_source = loaded_model.source
         self.batch_size = batch_size
-        devices = jax.devices()
+        devices = jax.local_devices()  # each host scores its own files
         if len(devices) > 1 and batch_size % len(devices) == 0:
             mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
             self._input_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
@@ -114,6 +114,11 @@ class Scorer:
         else:
             self._probabilities_fn = jax.jit(
                 lambda variables, inputs: jax.nn.sigmoid(module.apply(variables, inputs, train=False)))
+
+    @property
+    def device_count(self) -> int:
+        """How many devices each batch is split over (1 when the batch size does not divide evenly)."""
+        return len(self._input_sharding.device_set)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

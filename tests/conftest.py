@@ -1,4 +1,4 @@
-"""Shared test fixtures: where ../shared is, and a small JAX setup for 2-core CI machines."""
+"""Shared test helpers: where ../shared is, small hand-built PNGs and random model variables."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import pathlib
 import struct
 import zlib
 
+import jax
+import numpy as np
 import pytest
+
+from meso_jax import models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -34,3 +38,19 @@ def png_declaring(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
             + chunk(b"IEND", b""))
+
+
+def random_model_variables(seed: int, head_gain: float = 1.0, model_name: str = "meso4") -> dict:
+    """Random variables built in NumPy (models.init_variables compiles for many seconds on 2 cores);
+    the last layer is multiplied by ``head_gain`` so different inputs get clearly different scores."""
+    abstract = jax.eval_shape(lambda: models.init_variables(models.get_model(model_name), 0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['kernel']"):
+            gain = head_gain if name.startswith("['params']['ClassifierHead_0']['Dense_1']") else 1.0
+            return (rng.normal(0.0, gain / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)).astype(np.float32)
+        return (np.ones if name.endswith(("['scale']", "['var']")) else np.zeros)(leaf.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)

@@ -1,4 +1,5 @@
-"""Subprocess helper for test_distributed.py: a few training steps on fixed data, params saved as .npz.
+"""Subprocess helper for test_distributed.py: a few training steps on fixed data, then scoring with the
+trained model (fast and plain inference paths); params and scores saved as .npz.
 
 Run as ``python tests/fit_few_steps.py WORKDIR OUT.npz`` with XLA_FLAGS choosing the device count.
 """
@@ -10,7 +11,7 @@ import sys
 import jax
 import numpy as np
 
-from meso_jax import checkpoints, train
+from meso_jax import checkpoints, scoring, train
 
 BATCH = 8
 STEPS = 3
@@ -35,7 +36,12 @@ def main(workdir: str, output_path: str) -> None:
     restored = checkpoints.load_model(workdir)
     leaves = {jax.tree_util.keystr(path): np.asarray(leaf)
               for path, leaf in jax.tree_util.tree_leaves_with_path(restored.variables)}
-    np.savez(output_path, device_count=jax.device_count(), val_loss=result["val_loss"], **leaves)
+    scores = {}
+    for name, fast_path in (("fast", True), ("plain", False)):
+        scorer = scoring.Scorer(restored, batch_size=BATCH, fast_path=fast_path)
+        scores[f"scores_{name}"] = scorer.score(images)
+        scores[f"scorer_devices_{name}"] = scorer.device_count
+    np.savez(output_path, device_count=jax.device_count(), val_loss=result["val_loss"], **scores, **leaves)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,18 @@ def test_explicit_splits_are_kept(tmp_path):
     assert [os.path.basename(f.path) for f in splits.test] == ["e.jpg"]
 
 
+def test_mesonets_own_dataset_layout_is_understood(tmp_path):
+    """MesoNet's published databases: train_test/ and validation/ splits holding df/ (or f2f/) and real/."""
+    touch(tmp_path / "deepfake", "train_test/df/a.jpg", "train_test/real/b.jpg", "validation/DF/c.jpg",
+          "validation/real/d.jpg")
+    touch(tmp_path / "face2face", "real/r.jpg", "f2f/e.jpg")
+    splits = load_labelled_splits(tmp_path / "deepfake")
+    assert sorted((os.path.basename(f.path), f.label) for f in splits.train) == [("a.jpg", FAKE), ("b.jpg", REAL)]
+    assert sorted((os.path.basename(f.path), f.label) for f in splits.val) == [("c.jpg", FAKE), ("d.jpg", REAL)]
+    splits = load_labelled_splits(tmp_path / "face2face", val_fraction=0.0)
+    assert sorted((os.path.basename(f.path), f.label) for f in splits.train) == [("e.jpg", FAKE), ("r.jpg", REAL)]
+
+
 def test_frames_of_one_video_stay_together(tmp_path):
     for video in range(20):
         touch(tmp_path, *[f"real/video{video:02d}/frame{i}.png" for i in range(5)])

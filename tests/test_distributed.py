@@ -1,4 +1,5 @@
-"""Data parallelism: 8 (simulated CPU) devices train exactly like 1 device with the same global batch."""
+"""Data parallelism: 8 (simulated CPU) devices train exactly like 1 device with the same global batch, and
+score exactly like 1 device."""
 
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ def _run_few_steps(tmp_path, device_count: int) -> dict:
     return dict(np.load(output))
 
 
-def test_eight_devices_train_like_one(tmp_path) -> None:
+def test_eight_devices_train_and_predict_like_one(tmp_path) -> None:
     one = _run_few_steps(tmp_path, 1)
     eight = _run_few_steps(tmp_path, 8)
     assert int(one.pop("device_count")) == 1 and int(eight.pop("device_count")) == 8
+    for path in ("fast", "plain"):  # prediction batches were split over all 8 devices
+        assert int(one.pop(f"scorer_devices_{path}")) == 1 and int(eight.pop(f"scorer_devices_{path}")) == 8
     assert one.keys() == eight.keys()
     for name in one:
-        # Restored from the 8-device run's checkpoint: saving and restoring work sharded too.
+        # Restored from the 8-device run's checkpoint: saving and restoring work sharded too. The scores
+        # (scores_fast, scores_plain) come from that model scored on 8 devices vs 1.
         np.testing.assert_allclose(eight[name], one[name], rtol=2e-4, atol=2e-5, err_msg=name)

@@ -15,7 +15,7 @@ import pytest
 
 from data_pipelines.preprocessing import Preprocessing
 from meso_jax import checkpoints, evaluate, scan
-from test_scan_predict import random_model_variables
+from conftest import random_model_variables
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 

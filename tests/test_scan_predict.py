@@ -12,34 +12,17 @@ import subprocess
 import sys
 
 import cv2
-import jax
 import numpy as np
 import pytest
 
 from data_pipelines.preprocessing import Preprocessing, media_kind
-from meso_jax import checkpoints, models, scan, scoring
-from conftest import png_declaring
+from meso_jax import checkpoints, scan, scoring
+from conftest import png_declaring, random_model_variables
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEST_PREPROCESSING = Preprocessing(face_detector="none", frames_per_video=4)
 SMALL_BATCH = 3  # smaller than a video's frames, so files share and straddle batches
 IMAGE_PATTERNS = ("black", "white", "noise", "gradient", "checker")
-
-
-def random_model_variables(seed: int, head_gain: float = 1.0, model_name: str = "meso4") -> dict:
-    """Random variables built in NumPy (models.init_variables compiles for many seconds on 2 cores);
-    the last layer is multiplied by ``head_gain`` so different inputs get clearly different scores."""
-    abstract = jax.eval_shape(lambda: models.init_variables(models.get_model(model_name), 0))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['kernel']"):
-            gain = head_gain if name.startswith("['params']['ClassifierHead_0']['Dense_1']") else 1.0
-            return (rng.normal(0.0, gain / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)).astype(np.float32)
-        return (np.ones if name.endswith(("['scale']", "['var']")) else np.zeros)(leaf.shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def _pattern(name: str, seed: int = 0) -> np.ndarray:
