@@ -23,10 +23,16 @@ formulation is slow; training uses fast_training's fused block, which has its ow
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import hashlib
+import logging
+import os
+import pathlib
+import sys
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from meso_jax import fast_training, models
@@ -94,6 +100,45 @@ def meso4_forward(variables: dict, images_bhwc: jax.Array) -> jax.Array:
 meso4_logits = jax.jit(meso4_forward)
 
 
+def _export_key(variables: Any, inputs_bhwc: jax.ShapeDtypeStruct) -> str:
+    """Names one traced program: JAX version, backend, this code, and the argument shapes."""
+    digest = hashlib.sha256()
+    for part in (jax.__version__, jaxlib.__version__, jax.default_backend(),
+                 repr(jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), variables)),
+                 repr((inputs_bhwc.shape, str(inputs_bhwc.dtype)))):
+        digest.update(part.encode())
+    for module in (fast_training, models, sys.modules[__name__]):
+        digest.update(pathlib.Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def exported_meso4_logits(variables: Any, inputs_bhwc: jax.ShapeDtypeStruct,
+                          cache_dir: str | os.PathLike) -> Callable[[Any, jax.Array], jax.Array]:
+    """``meso4_logits`` for these argument shapes, from a jax.export serialization kept in ``cache_dir``.
+
+    Tracing and lowering the ~1,700-term fast path costs ~2 s at every start-up, even with a warm
+    compilation cache; a serialized export (StableHLO, no pickle) skips both. The first call traces and
+    writes the file (atomically); a damaged or unwritable cache only costs that time again.
+    """
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), variables)
+    path = pathlib.Path(cache_dir) / f"meso4_fast_{_export_key(abstract, inputs_bhwc)}.jaxexport"
+    try:
+        return jax.jit(jax.export.deserialize(bytearray(path.read_bytes())).call)
+    except FileNotFoundError:
+        pass
+    except Exception as error:  # pylint: disable=broad-except  (any damage: export it again)
+        logging.info("ignoring the damaged exported program %s (%s)", path, error)
+    exported = jax.export.export(meso4_logits)(abstract, inputs_bhwc)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_bytes(exported.serialize())
+        os.replace(temporary, path)
+    except OSError as error:
+        logging.info("cannot cache the exported program in %s (%s)", cache_dir, error)
+    return jax.jit(exported.call)
+
+
 def meso4_inference_fn(variables: dict) -> Callable[[jax.Array], jax.Array]:
     """A jit-compiled ``images_bhwc -> logits`` for Meso-4 with ``variables`` ({"params",
     "batch_stats"}) bound; equal to the Flax module in inference mode up to float32 rounding."""
@@ -111,4 +156,4 @@ def supports(model_name: str, input_shape: tuple[int, ...]) -> bool:
             and input_shape[0] % 64 == 0 and input_shape[1] % 64 == 0)
 
 
-__all__ = ["meso4_forward", "meso4_inference_fn", "supports"]
+__all__ = ["exported_meso4_logits", "meso4_forward", "meso4_inference_fn", "supports"]

@@ -85,6 +85,25 @@ def test_scorer_uses_fast_path_for_meso4_with_same_scores() -> None:
     np.testing.assert_allclose(fast_scorer.score(images), expected[:BATCH + 1], atol=1e-6, rtol=0)
 
 
+def test_the_exported_fast_path_is_cached_and_scores_the_same(tmp_path, caplog) -> None:
+    variables = _random_variables(seed=4)
+    loaded = checkpoints.LoadedModel("meso4", variables, {}, {})
+    images = np.asarray(jax.random.uniform(jax.random.key(6), (BATCH, 256, 256, 3)))
+    expected = scoring.Scorer(loaded, batch_size=BATCH).score(images)
+
+    first = scoring.Scorer(loaded, batch_size=BATCH, export_cache=str(tmp_path))  # traces and writes
+    (exported,) = tmp_path.glob("meso4_fast_*.jaxexport")
+    second = scoring.Scorer(loaded, batch_size=BATCH, export_cache=str(tmp_path))  # reads it back
+    for scorer in (first, second):
+        np.testing.assert_allclose(scorer.score(images), expected, atol=1e-6, rtol=0)
+
+    exported.write_bytes(b"damaged")  # a damaged cache file is replaced, not an error
+    with caplog.at_level("INFO"):
+        np.testing.assert_allclose(scoring.Scorer(loaded, batch_size=BATCH, export_cache=str(tmp_path)).score(images),
+                                   expected, atol=1e-6, rtol=0)
+    assert "ignoring the damaged exported program" in caplog.text and exported.read_bytes() != b"damaged"
+
+
 def test_supports_only_meso4_on_suitable_shapes() -> None:
     assert fast_inference.supports("meso4", (256, 256, 3))
     assert not fast_inference.supports("meso4", (250, 256, 3))
