@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import cv2
 import numpy as np
 import pytest
@@ -43,6 +45,32 @@ def test_sampling_returns_the_requested_evenly_spaced_frames(tmp_path, name):
     assert [frame_number(frame) for _, frame in sampled] == [0, 7, 14, 22, 29]
     assert sampled[0][1].shape == (48, 64, 3) and sampled[0][1].dtype == np.uint8
     assert [index for index, _ in video.sample_video_frames(path, 100)] == list(range(30))
+
+
+def rotate_mp4_display_matrix(path) -> None:
+    """Sets the video track's display matrix (MP4 'tkhd' box) to a 90-degree clockwise rotation, as phones
+    record portrait video: the pixels stay landscape, the player is told to turn them."""
+    data = bytearray(open(path, "rb").read())
+    box = data.find(b"tkhd")
+    assert box > 0
+    version = data[box + 4]
+    # type, version/flags, times + track id + reserved + duration, reserved, layer, group, volume, reserved
+    matrix = box + 4 + 4 + (20 if version == 0 else 32) + 8 + 2 + 2 + 2 + 2
+    assert struct.unpack(">9i", data[matrix:matrix + 36]) == (65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30)
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
+    open(path, "wb").write(data)
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    frame = np.zeros((32, 64, 3), np.uint8)
+    frame[:, :32] = 255  # left half white
+    path = write_video(tmp_path / "phone.mp4", [frame] * 6)
+    rotate_mp4_display_matrix(path)
+    sampled = video.sample_video_frames(path, 3)
+    assert len(sampled) == 3
+    for _, rotated in sampled:
+        assert rotated.shape == (64, 32, 3)  # shown upright (portrait), as a player shows it
+        assert rotated[:28].mean() > 240 and rotated[36:].mean() < 15  # the left half is now on top
 
 
 @pytest.mark.parametrize("declared", [None, 100, 12])
