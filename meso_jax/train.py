@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meso_jax import checkpoints, fast_training, keras_import, metrics, models
@@ -308,6 +309,18 @@ class _StopSignals:
             raise KeyboardInterrupt
 
 
+def stop_requested_everywhere(stop_signals: _StopSignals, step: int, sync_every_steps: int) -> bool:
+    """Whether training stops after ``step``. One process: as soon as a signal came. Several (multi-host):
+    all agree, every ``sync_every_steps`` steps, and stop together when any of them got a signal, so
+    that they save the same step collectively."""
+    if jax.process_count() == 1:
+        return stop_signals.requested is not None
+    if step % sync_every_steps:
+        return False
+    flags = multihost_utils.process_allgather(np.int32(stop_signals.requested is not None))
+    return bool(np.any(flags))
+
+
 def _release(iterator: Any) -> None:
     """Closes an input iterator (a generator's close(); a tf.data iterator frees its resources when unreferenced)."""
     close = getattr(iterator, "close", None)
@@ -514,14 +527,15 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
     stop_signals = _StopSignals()
 
     def stop_if_requested(saved: bool) -> None:
-        if stop_signals.requested is None:
+        if not stop_requested_everywhere(stop_signals, step, config.log_every_steps):
             return
         if not saved:
             save(step, None)
             manager.wait_until_finished()
-        raise TrainingInterrupted(f"stopped by {stop_signals.requested.name} at step {step}; checkpoint of step "
-                                  f"{step} saved in {manager.directory}; run the same command again to resume",
-                                  stop_signals.requested)
+        cause = stop_signals.requested or signal.SIGTERM
+        by = cause.name if stop_signals.requested else "a signal to another process"
+        raise TrainingInterrupted(f"stopped by {by} at step {step}; checkpoint of step {step} saved in "
+                                  f"{manager.directory}; run the same command again to resume", cause)
 
     try:
         with stop_signals:

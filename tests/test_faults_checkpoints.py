@@ -172,6 +172,26 @@ def test_stop_signals_ask_to_stop_and_a_second_ctrl_c_waits_for_the_save() -> No
     assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
+def test_several_processes_stop_together_at_an_agreed_step(monkeypatch) -> None:
+    import signal
+
+    from jax.experimental import multihost_utils
+    stop = train._StopSignals()  # pylint: disable=protected-access  (no handlers installed: not entered)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    other_process_flag = {"value": 1}
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda flag: np.array([int(flag), other_process_flag["value"]]))
+    # Another process got SIGTERM: this one stops too, but only at a step where all of them compare notes.
+    assert not train.stop_requested_everywhere(stop, step=51, sync_every_steps=50)
+    assert train.stop_requested_everywhere(stop, step=100, sync_every_steps=50)
+    other_process_flag["value"] = 0
+    assert not train.stop_requested_everywhere(stop, step=100, sync_every_steps=50)
+    stop.requested = signal.SIGTERM
+    assert train.stop_requested_everywhere(stop, step=150, sync_every_steps=50)
+    monkeypatch.setattr(jax, "process_count", lambda: 1)  # one process: at once, at any step
+    assert train.stop_requested_everywhere(stop, step=151, sync_every_steps=50)
+
+
 def test_a_resumed_run_logs_each_epoch_once(tmp_path) -> None:
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"epoch": 1, "step": 5}\n{"epoch": 2, "step": 10}\n{"epoch": 3, "st')  # killed mid-line
