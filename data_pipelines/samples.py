@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import threading
 
 import numpy as np
 
-from data_pipelines.faces import FaceDetector, crop_face, make_face_detector, reject_inconsistent_boxes
+from data_pipelines.faces import Box, FaceDetector, crop_face, make_face_detector, reject_inconsistent_boxes
 from data_pipelines.preprocessing import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, Preprocessing,
                                           media_kind, read_image_rgb, resize_image)
 from data_pipelines.video import sample_video_frames
@@ -48,6 +49,20 @@ def _detector(name: str) -> FaceDetector | None:
         return _detectors[name]
 
 
+def _frames_and_faces(path: str, frames_per_video: int, detector: FaceDetector
+                      ) -> tuple[list[tuple[int, np.ndarray]], list[Box | None]]:
+    """Sampled frames and the face box of each; detection runs on a second thread while decoding goes on
+    (both take about as long on a CPU)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faces") as pool:
+        pending: dict[int, concurrent.futures.Future] = {}
+
+        def start_detection(index: int, frame_rgb: np.ndarray) -> None:
+            pending[index] = pool.submit(detector.detect, frame_rgb)
+
+        frames = sample_video_frames(path, frames_per_video, on_frame=start_detection)
+        return frames, [pending[index].result() for index, _ in frames]
+
+
 def extract_face_crops(path: str | os.PathLike, prep: Preprocessing) -> FaceCrops:
     """Decodes ``path``, finds faces (unless prep.face_detector == "none") and resizes: uint8 crops.
 
@@ -65,17 +80,18 @@ def extract_face_crops(path: str | os.PathLike, prep: Preprocessing) -> FaceCrop
             image_rgb = crop_face(image_rgb, box, prep.face_margin)
         return FaceCrops("image", resize_image(image_rgb, prep)[None], [0], 1)
     if kind == "video":
-        frames = sample_video_frames(path, prep.frames_per_video)
         if detector is None:
-            crops = [(index, frame) for index, frame in frames]
+            crops = sample_video_frames(path, prep.frames_per_video)
+            frames_read = len(crops)
         else:
-            boxes = reject_inconsistent_boxes([detector.detect(frame) for _, frame in frames])
+            frames, boxes = _frames_and_faces(path, prep.frames_per_video, detector)
+            frames_read = len(frames)
             crops = [(index, crop_face(frame, box, prep.face_margin))
-                     for (index, frame), box in zip(frames, boxes) if box is not None]
+                     for (index, frame), box in zip(frames, reject_inconsistent_boxes(boxes)) if box is not None]
         if not crops:
-            raise MediaError(f"{path}: {NO_FACE_MESSAGE} in any of {len(frames)} sampled frames")
+            raise MediaError(f"{path}: {NO_FACE_MESSAGE} in any of {frames_read} sampled frames")
         return FaceCrops("video", np.stack([resize_image(crop, prep) for _, crop in crops]),
-                         [index for index, _ in crops], len(frames))
+                         [index for index, _ in crops], frames_read)
     extension = os.path.splitext(path)[1] or "(no extension)"
     raise MediaError(f"{path}: unsupported file type {extension}; "
                      f"images: {' '.join(IMAGE_EXTENSIONS)}; videos: {' '.join(VIDEO_EXTENSIONS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -57,8 +58,13 @@ def _count_frames(path: str) -> int:
         capture.release()
 
 
-def _read_frames_at(path: str, indices: list[int]) -> tuple[list[tuple[int, np.ndarray]], bool]:
-    """Frames at sorted ``indices``, stepping with grab(); also whether the video has frames after the last index."""
+FrameCallback = Callable[[int, np.ndarray], None]
+
+
+def _read_frames_at(path: str, indices: list[int], on_frame: FrameCallback | None = None
+                    ) -> tuple[list[tuple[int, np.ndarray]], bool]:
+    """Frames at sorted ``indices``, stepping with grab(); also whether the video has frames after the last index.
+    ``on_frame(index, frame_rgb)`` is called as soon as each frame is decoded."""
     capture = _open_capture(path)
     frames: list[tuple[int, np.ndarray]] = []
     try:
@@ -72,6 +78,8 @@ def _read_frames_at(path: str, indices: list[int]) -> tuple[list[tuple[int, np.n
                 ok, frame_bgr = capture.retrieve()
                 if ok and frame_bgr is not None and frame_bgr.size:
                     frames.append((position, cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)))
+                    if on_frame is not None:
+                        on_frame(*frames[-1])
                 target = next(wanted, None)
             position += 1
         return frames, capture.grab()
@@ -79,11 +87,14 @@ def _read_frames_at(path: str, indices: list[int]) -> tuple[list[tuple[int, np.n
         capture.release()
 
 
-def sample_video_frames(path: str | os.PathLike, frames_per_video: int) -> list[tuple[int, np.ndarray]]:
+def sample_video_frames(path: str | os.PathLike, frames_per_video: int,
+                        on_frame: FrameCallback | None = None) -> list[tuple[int, np.ndarray]]:
     """``frames_per_video`` (frame index, uint8 RGB frame) pairs spread evenly over the video.
 
     Uses the declared frame count when plausible; when it is missing, absurd or turns out wrong
     (the video ends early or goes on past it) the frames are counted and sampling is redone.
+    ``on_frame(index, frame_rgb)`` sees every frame as soon as it is decoded (e.g. to start face
+    detection while decoding goes on); after a resampling it may have seen frames not returned.
     Raises MediaError when no frame can be decoded.
     """
     path = os.fspath(path)
@@ -101,13 +112,13 @@ def sample_video_frames(path: str | os.PathLike, frames_per_video: int) -> list[
     frames: list[tuple[int, np.ndarray]] = []
     if declared is not None:
         indices = evenly_spaced_indices(declared, frames_per_video)
-        frames, more_frames = _read_frames_at(path, indices)
+        frames, more_frames = _read_frames_at(path, indices, on_frame)
         if len(frames) == len(indices) and not more_frames:
             return frames
     frame_count = _count_frames(path)
     if frame_count == 0:
         raise MediaError(f"{path}: no decodable video frames")
-    frames, _ = _read_frames_at(path, evenly_spaced_indices(frame_count, frames_per_video))
+    frames, _ = _read_frames_at(path, evenly_spaced_indices(frame_count, frames_per_video), on_frame)
     if not frames:
         raise MediaError(f"{path}: no decodable video frames")
     return frames
