@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -396,42 +397,69 @@ class _EventLog:
         self._summary_writer.flush()
 
 
+def _video_ids(paths: Iterable[str]) -> np.ndarray:
+    """int32 (N, 2): a 62-bit hash of each path, so that frames of one video can be grouped after they
+    were gathered from several processes (strings cannot be)."""
+    ids = [int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little") >> 2 for path in paths]
+    return np.array([[value >> 31, value & 0x7FFFFFFF] for value in ids], np.int32).reshape(-1, 2)
+
+
 def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel, batch_size: int,
-             jitted_eval_step: Callable, video_level: bool = False) -> dict:
-    """Validation loss and metrics over ``batches``; partial batches are padded (weight 0) to one shape."""
-    scores, labels, losses, paths = [], [], [], []
-    for batch in batches:
-        count = len(batch["label"])
-        padded = {key: _pad_to(np.asarray(batch[key]), batch_size) for key in ("image", "label")}
-        output = jax.device_get(jitted_eval_step(state, parallel.shard_batch(padded)))
-        scores.append(output["score"][:count])
-        losses.append(output["loss"][:count])
-        labels.append(np.asarray(batch["label"])[:count])
-        if "path" in batch:
-            paths.extend(p.decode() if isinstance(p, bytes) else str(p) for p in np.asarray(batch["path"])[:count])
-    if not scores:
+             jitted_eval_step: Callable, input_shape: tuple[int, ...], video_level: bool = False) -> dict:
+    """Validation loss and metrics over ``batches``: this process's part of the split, in batches of at most
+    ``batch_size`` / processes of inputs of ``input_shape``, each padded to that size (padding rows are
+    left out of the metrics).
+
+    With several processes (multi-host), all of them run the same number of steps (one that has run out
+    feeds padding) and every example's result is gathered from all of them.
+    """
+    processes = jax.process_count()
+    local_batch_size = batch_size // processes
+    iterator = iter(batches)
+    columns: dict[str, list[np.ndarray]] = {"score": [], "loss": [], "label": [], "valid": [], "video": []}
+    while True:
+        batch = next(iterator, None)
+        count = 0 if batch is None else len(batch["label"])
+        if processes > 1:
+            if not np.any(multihost_utils.process_allgather(np.int32(count))):
+                break
+        elif batch is None:
+            break
+        local = {"image": np.zeros((local_batch_size, *input_shape), np.float32),
+                 "label": np.zeros(local_batch_size, np.float32), "valid": np.zeros(local_batch_size, np.int32),
+                 "video": np.zeros((local_batch_size, 2), np.int32)}
+        if count:
+            local["image"][:count] = batch["image"]
+            local["label"][:count] = batch["label"]
+            local["valid"][:count] = 1
+            if video_level and "path" in batch:
+                local["video"][:count] = _video_ids(p.decode() if isinstance(p, bytes) else str(p)
+                                                    for p in np.asarray(batch["path"]))
+        sharded = parallel.shard_batch(local)
+        output = jitted_eval_step(state, {"image": sharded["image"], "label": sharded["label"]})
+        fetched = {**output, **{key: sharded[key] for key in ("label", "valid", "video")}}
+        fetched = (multihost_utils.process_allgather(fetched, tiled=True) if processes > 1
+                   else jax.device_get(fetched))
+        for key in columns:
+            columns[key].append(np.asarray(fetched[key]))
+    if not columns["valid"] or not np.concatenate(columns["valid"]).any():
         raise TrainingError("the validation split is empty")
-    scores_all, labels_all = np.concatenate(scores), np.concatenate(labels).round().astype(np.int64)
-    result = {"val_loss": float(np.mean(np.concatenate(losses)))}
+    valid = np.concatenate(columns["valid"]).astype(bool)
+    scores_all = np.concatenate(columns["score"])[valid].astype(np.float64)
+    labels_all = np.concatenate(columns["label"])[valid].round().astype(np.int64)
+    result = {"val_loss": float(np.mean(np.concatenate(columns["loss"])[valid]))}
     result.update({f"val_{k}": v for k, v in metrics.binary_metrics(labels_all, scores_all).items()
                    if k in ("auc", "accuracy", "balanced_accuracy", "eer", "average_precision")})
-    if video_level and paths:
-        per_video: dict[str, list[float]] = {}
-        video_labels: dict[str, int] = {}
-        for path, score, label in zip(paths, scores_all, labels_all):
-            per_video.setdefault(path, []).append(float(score))
-            video_labels[path] = int(label)
-        video_metrics = metrics.binary_metrics([video_labels[p] for p in per_video],
+    if video_level:
+        per_video: dict[tuple[int, int], list[float]] = {}
+        video_labels: dict[tuple[int, int], int] = {}
+        for video, score, label in zip(map(tuple, np.concatenate(columns["video"])[valid]), scores_all, labels_all):
+            per_video.setdefault(video, []).append(float(score))
+            video_labels[video] = int(label)
+        video_metrics = metrics.binary_metrics([video_labels[v] for v in per_video],
                                                [float(np.mean(s)) for s in per_video.values()])
         result["val_video_auc"] = video_metrics["auc"]
     return result
-
-
-def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
-    if len(array) == size:
-        return array
-    padding = [(0, size - len(array))] + [(0, 0)] * (array.ndim - 1)
-    return np.pad(array, padding)
 
 
 def _log_to_stdout(message: str) -> None:
@@ -591,7 +619,7 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
                 validation = val_batches()
                 try:
                     epoch_metrics.update(evaluate(state, validation, parallel, config.batch_size, jitted_eval_step,
-                                                  video_level))
+                                                  models.get_model(config.model).input_shape, video_level))
                 finally:
                     _release(validation)
                     del validation

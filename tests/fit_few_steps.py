@@ -1,7 +1,9 @@
 """Subprocess helper for test_distributed.py: a few training steps on fixed data, then scoring with the
 trained model (fast and plain inference paths); params and scores saved as .npz.
 
-Run as ``python tests/fit_few_steps.py WORKDIR OUT.npz`` with XLA_FLAGS choosing the device count.
+Run as ``python tests/fit_few_steps.py WORKDIR OUT.npz [COORDINATOR NUM_PROCESSES PROCESS_ID]`` with
+XLA_FLAGS choosing the device count per process. With several processes (multi-host JAX on one
+machine) each feeds its own part of every batch, as hosts do, and process 0 writes OUT.npz.
 """
 
 from __future__ import annotations
@@ -15,20 +17,28 @@ from meso_jax import checkpoints, scoring, train
 
 BATCH = 8
 STEPS = 3
+VAL_IMAGES = 11  # not a multiple of the batch: the last validation batch is partial
 
 
-def main(workdir: str, output_path: str) -> None:
+def main(workdir: str, output_path: str, coordinator: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None) -> None:
+    train.initialize_distributed(coordinator, num_processes, process_id)
+    processes, index = jax.process_count(), jax.process_index()
+    local = BATCH // processes
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (BATCH * STEPS, 256, 256, 3)).astype(np.float32)
     labels = (rng.uniform(size=BATCH * STEPS) > 0.5).astype(np.float32)
 
     def epoch_batches(epoch: int, skip_steps: int):
         for step in range(skip_steps, STEPS):
-            part = slice(step * BATCH, (step + 1) * BATCH)
-            yield {"image": images[part], "label": labels[part], "weight": np.ones(BATCH, np.float32)}
+            part = slice(step * BATCH + index * local, step * BATCH + (index + 1) * local)  # this process's rows
+            yield {"image": images[part], "label": labels[part], "weight": np.ones(local, np.float32)}
 
-    def val_batches():
-        yield {"image": images[:BATCH], "label": labels[:BATCH]}
+    def val_batches():  # this process's share of the validation images, in local batches
+        mine = np.arange(VAL_IMAGES)[index::processes]
+        for start in range(0, len(mine), local):
+            rows = mine[start:start + local]
+            yield {"image": images[rows], "label": labels[rows]}
 
     config = train.TrainConfig(epochs=1, batch_size=BATCH, schedule="constant", progress_bar=False,
                                checkpoint_every_steps=2)
@@ -41,8 +51,11 @@ def main(workdir: str, output_path: str) -> None:
         scorer = scoring.Scorer(restored, batch_size=BATCH, fast_path=fast_path)
         scores[f"scores_{name}"] = scorer.score(images)
         scores[f"scorer_devices_{name}"] = scorer.device_count
-    np.savez(output_path, device_count=jax.device_count(), val_loss=result["val_loss"], **scores, **leaves)
+    if index == 0:
+        np.savez(output_path, device_count=jax.device_count(), val_loss=result["val_loss"],
+                 val_auc=result["val_auc"], **scores, **leaves)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    extra = sys.argv[3:]
+    main(sys.argv[1], sys.argv[2], *(extra[:1] + [int(v) for v in extra[1:]]))
