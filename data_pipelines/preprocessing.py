@@ -222,6 +222,17 @@ def resize_image(image_rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return cv2.resize(image_rgb, (size, size), interpolation=RESIZE_INTERPOLATIONS[prep.resize])
 
 
+def scale_to_unit(crops: np.ndarray) -> np.ndarray:
+    """The one pixel scaling rule, uint8 [0, 255] -> float32 [0, 1]. Works on numpy and JAX arrays
+    alike, so scorers can ship uint8 crops and scale them on the device."""
+    return crops.astype(np.float32) / np.float32(255.0)
+
+
+def as_model_input(images: np.ndarray) -> np.ndarray:
+    """float32 model input from uint8 crops (scaled with scale_to_unit) or from floats already in [0, 1]."""
+    return scale_to_unit(images) if images.dtype == np.uint8 else images.astype(np.float32)
+
+
 def to_model_input(image_rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """uint8 RGB image -> float32 (S, S, 3) in [0, 1], the model's input."""
-    return resize_image(image_rgb, prep).astype(np.float32) / np.float32(255.0)
+    return scale_to_unit(resize_image(image_rgb, prep))

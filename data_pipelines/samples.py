@@ -11,7 +11,7 @@ import numpy as np
 
 from data_pipelines.faces import Box, FaceDetector, crop_face, make_face_detector, reject_inconsistent_boxes
 from data_pipelines.preprocessing import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, Preprocessing,
-                                          media_kind, read_image_rgb, resize_image)
+                                          media_kind, read_image_rgb, resize_image, scale_to_unit)
 from data_pipelines.video import sample_video_frames
 
 NO_FACE_MESSAGE = "no face found (use --face_detector=none for pre-cropped faces)"
@@ -100,7 +100,7 @@ def extract_face_crops(path: str | os.PathLike, prep: Preprocessing) -> FaceCrop
 def extract_samples(path: str | os.PathLike, prep: Preprocessing) -> Samples:
     """Model inputs for one file: float32 (N, S, S, 3) in [0, 1]; raises MediaError for bad files."""
     crops = extract_face_crops(path, prep)
-    inputs = crops.crops_bhwc.astype(np.float32) / np.float32(255.0)
+    inputs = scale_to_unit(crops.crops_bhwc)
     return Samples(crops.kind, inputs, crops.frame_indices, crops.frames_read)
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from data_pipelines import preprocessing
 from meso_jax import fast_training, models
 
 # Max-pool size of each Meso-4 block; kernel sizes and channels come from the variables.
@@ -77,13 +78,14 @@ def _conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Arr
 
 
 def meso4_forward(variables: dict, images_bhwc: jax.Array) -> jax.Array:
-    """Meso-4 logits (B,) for images in [0, 1], inference mode. Traceable; jit it (or use
-    meso4_inference_fn). Image height and width must be divisible by 64 (256 in MesoNet)."""
+    """Meso-4 logits (B,) for float images in [0, 1] or uint8 crops (scaled here, in the same fused
+    loop as the first block), inference mode. Traceable; jit it (or use meso4_inference_fn). Image
+    height and width must be divisible by 64 (256 in MesoNet)."""
     height, width = images_bhwc.shape[1:3]
     if height % 64 or width % 64:
         raise ValueError(f"the fast Meso-4 path needs height and width divisible by 64, got {height}x{width}")
     params, stats = variables["params"], variables["batch_stats"]
-    x = images_bhwc.astype(jnp.float32)
+    x = preprocessing.as_model_input(images_bhwc)
     for index, pool in enumerate(MESO4_POOLS):
         block = params[f"ConvBlock_{index}"]
         scale, shift = _fold_batch_norm(block["BatchNorm_0"], stats[f"ConvBlock_{index}"]["BatchNorm_0"])
@@ -107,7 +109,7 @@ def _export_key(variables: Any, inputs_bhwc: jax.ShapeDtypeStruct) -> str:
                  repr(jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), variables)),
                  repr((inputs_bhwc.shape, str(inputs_bhwc.dtype)))):
         digest.update(part.encode())
-    for module in (fast_training, models, sys.modules[__name__]):
+    for module in (fast_training, models, preprocessing, sys.modules[__name__]):
         digest.update(pathlib.Path(module.__file__).read_bytes())
     return digest.hexdigest()[:24]
 

@@ -257,7 +257,7 @@ class _PreparedFile:
     """A file between extraction and its record: model inputs and the scores filled in so far."""
 
     record: ScanRecord
-    model_inputs: np.ndarray | None = None
+    model_inputs: np.ndarray | None = None  # uint8 crops (or clips of them)
     input_frame_indices: list[int] = dataclasses.field(default_factory=list)
     scores: list[float] = dataclasses.field(default_factory=list)
 
@@ -277,17 +277,17 @@ def _prepare_file(path: str, prep: Preprocessing, clip_frames: int | None) -> _P
         record.error = "this model scores videos only (it is a clip model); use an image model for images"
         return _PreparedFile(record)
     try:
-        file_samples = samples_lib.extract_samples(path, prep)
+        crops = samples_lib.extract_face_crops(path, prep)  # uint8: the Scorer scales on the device
     except MediaError as error:
         record.error = _error_reason(error, path)
         return _PreparedFile(record)
-    record.frames = file_samples.frames_read
-    record.faces = len(file_samples.frame_indices)
+    record.frames = crops.frames_read
+    record.faces = len(crops.frame_indices)
     if clip_frames is None:
-        return _PreparedFile(record, file_samples.inputs_bhwc, list(file_samples.frame_indices))
+        return _PreparedFile(record, crops.crops_bhwc, list(crops.frame_indices))
     clip_sample_indices = samples_lib.clip_indices(record.faces, clip_frames)
-    first_frames = [file_samples.frame_indices[clip[0]] for clip in clip_sample_indices]
-    return _PreparedFile(record, file_samples.inputs_bhwc[clip_sample_indices], first_frames)
+    first_frames = [crops.frame_indices[clip[0]] for clip in clip_sample_indices]
+    return _PreparedFile(record, crops.crops_bhwc[clip_sample_indices], first_frames)
 
 
 def _finish(prepared: _PreparedFile, options: ScanOptions) -> ScanRecord:
