@@ -1,8 +1,8 @@
 """A faster, inference-only Meso-4 forward pass for CPUs (same numbers as the Flax module).
 
 On CPU, XLA's convolutions with few channels (Meso-4 has 3 -> 8 -> 8 -> 16 -> 16) are slow: the
-first layer alone takes ~6x as long as oneDNN's. This module computes each of the first three
-"conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool p" blocks without a convolution op:
+first layer (3 input channels at 256x256) alone takes ~6x as long as oneDNN's. This module computes
+the first "conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool p" block without a convolution op:
 
 * Pool-phase decomposition. The p x p max-pool (stride p) reads every conv output exactly once,
   so for each pooling phase (dy, dx) the conv outputs at rows p*i + dy and columns p*j + dx are
@@ -14,7 +14,9 @@ first layer alone takes ~6x as long as oneDNN's. This module computes each of th
   max over phases of it equals ``relu(m) * s + t`` where m is the max (s >= 0) or min (s < 0) of
   the raw conv outputs over the phases: the BatchNorm is applied once, after pooling.
 
-The fourth block (32x32, 16 -> 16) keeps XLA's convolution, where it is competitive. The result
+The later blocks (8-16 channels) keep XLA's convolution: phasing blocks 1-3 gave the same
+throughput on a 2-core Zen 3 (benchmarks/layer_breakdown.py: XLA's conv is faster than the phased
+sum there) but a 15x larger program, 1 s more tracing and 4 s more compiling at start-up. The result
 equals ``models.get_model("meso4").module.apply(variables, x, train=False)`` to float32 rounding
 (sums in a different order; |difference| ~1e-6 on logits). Inference only: the autodiff of this
 formulation is slow; training uses fast_training's fused block, which has its own gradient.
@@ -23,16 +25,10 @@ formulation is slow; training uses fast_training's fused block, which has its ow
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
-import pathlib
-import sys
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 from data_pipelines import preprocessing
@@ -40,8 +36,8 @@ from meso_jax import fast_training, models
 
 # Max-pool size of each Meso-4 block; kernel sizes and channels come from the variables.
 MESO4_POOLS = (2, 2, 2, 4)
-# Blocks computed with the phased formulation; the rest use lax.conv.
-PHASED_BLOCKS = 3
+# Blocks computed with the phased formulation (the first); the rest use lax.conv.
+PHASED_BLOCKS = 1
 
 
 def _fold_batch_norm(params: dict, stats: dict) -> tuple[jax.Array, jax.Array]:
@@ -102,45 +98,6 @@ def meso4_forward(variables: dict, images_bhwc: jax.Array) -> jax.Array:
 meso4_logits = jax.jit(meso4_forward)
 
 
-def _export_key(variables: Any, inputs_bhwc: jax.ShapeDtypeStruct) -> str:
-    """Names one traced program: JAX version, backend, this code, and the argument shapes."""
-    digest = hashlib.sha256()
-    for part in (jax.__version__, jaxlib.__version__, jax.default_backend(),
-                 repr(jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), variables)),
-                 repr((inputs_bhwc.shape, str(inputs_bhwc.dtype)))):
-        digest.update(part.encode())
-    for module in (fast_training, models, preprocessing, sys.modules[__name__]):
-        digest.update(pathlib.Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:24]
-
-
-def exported_meso4_logits(variables: Any, inputs_bhwc: jax.ShapeDtypeStruct,
-                          cache_dir: str | os.PathLike) -> Callable[[Any, jax.Array], jax.Array]:
-    """``meso4_logits`` for these argument shapes, from a jax.export serialization kept in ``cache_dir``.
-
-    Tracing and lowering the ~1,700-term fast path costs ~2 s at every start-up, even with a warm
-    compilation cache; a serialized export (StableHLO, no pickle) skips both. The first call traces and
-    writes the file (atomically); a damaged or unwritable cache only costs that time again.
-    """
-    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), variables)
-    path = pathlib.Path(cache_dir) / f"meso4_fast_{_export_key(abstract, inputs_bhwc)}.jaxexport"
-    try:
-        return jax.jit(jax.export.deserialize(bytearray(path.read_bytes())).call)
-    except FileNotFoundError:
-        pass
-    except Exception as error:  # pylint: disable=broad-except  (any damage: export it again)
-        logging.info("ignoring the damaged exported program %s (%s)", path, error)
-    exported = jax.export.export(meso4_logits)(abstract, inputs_bhwc)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_bytes(exported.serialize())
-        os.replace(temporary, path)
-    except OSError as error:
-        logging.info("cannot cache the exported program in %s (%s)", cache_dir, error)
-    return jax.jit(exported.call)
-
-
 def meso4_inference_fn(variables: dict) -> Callable[[jax.Array], jax.Array]:
     """A jit-compiled ``images_bhwc -> logits`` for Meso-4 with ``variables`` ({"params",
     "batch_stats"}) bound; equal to the Flax module in inference mode up to float32 rounding."""
@@ -158,4 +115,4 @@ def supports(model_name: str, input_shape: tuple[int, ...]) -> bool:
             and input_shape[0] % 64 == 0 and input_shape[1] % 64 == 0)
 
 
-__all__ = ["exported_meso4_logits", "meso4_forward", "meso4_inference_fn", "supports"]
+__all__ = ["meso4_forward", "meso4_inference_fn", "supports"]

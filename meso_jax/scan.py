@@ -390,7 +390,7 @@ def load_scanner(checkpoint: str | None, keras_weights: str | None, face_detecto
     overrides = {"face_detector": face_detector, "frames_per_video": frames_per_video}
     prep = dataclasses.replace(Preprocessing.from_dict(loaded_model.preprocessing),
                                **{name: value for name, value in overrides.items() if value is not None})
-    scorer = scoring.Scorer(loaded_model, batch_size, export_cache=scoring.export_cache_dir())
+    scorer = scoring.Scorer(loaded_model, batch_size)
     if prep.image_size != scorer.input_shape[-2]:
         raise scoring.ModelSourceError(f"{scorer.model_source}: preprocessing image_size {prep.image_size} does not "
                                        f"match the model's input {scorer.input_shape}")

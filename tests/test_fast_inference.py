@@ -86,36 +86,16 @@ def test_scorer_uses_fast_path_for_meso4_with_same_scores() -> None:
     np.testing.assert_allclose(fast_scorer.score(images), expected[:BATCH + 1], atol=1e-6, rtol=0)
 
 
-def test_the_exported_fast_path_is_cached_and_scores_the_same(tmp_path, caplog) -> None:
-    variables = _random_variables(seed=4)
-    loaded = checkpoints.LoadedModel("meso4", variables, {}, {})
-    images = np.asarray(jax.random.uniform(jax.random.key(6), (BATCH, 256, 256, 3)))
-    expected = scoring.Scorer(loaded, batch_size=BATCH).score(images)
-
-    first = scoring.Scorer(loaded, batch_size=BATCH, export_cache=str(tmp_path))
-    np.testing.assert_allclose(first.score(images), expected, atol=1e-6, rtol=0)  # traces and writes
-    (exported,) = tmp_path.glob("meso4_fast_*.jaxexport")
-    second = scoring.Scorer(loaded, batch_size=BATCH, export_cache=str(tmp_path))
-    np.testing.assert_allclose(second.score(images), expected, atol=1e-6, rtol=0)  # reads it back
-    assert list(tmp_path.glob("meso4_fast_*.jaxexport")) == [exported]
-
-    exported.write_bytes(b"damaged")  # a damaged cache file is replaced, not an error
-    with caplog.at_level("INFO"):
-        np.testing.assert_allclose(scoring.Scorer(loaded, batch_size=BATCH, export_cache=str(tmp_path)).score(images),
-                                   expected, atol=1e-6, rtol=0)
-    assert "ignoring the damaged exported program" in caplog.text and exported.read_bytes() != b"damaged"
-
-
-def test_uint8_crops_are_scaled_on_the_device_like_the_host_would(tmp_path) -> None:
+def test_uint8_crops_are_scaled_on_the_device_like_the_host_would() -> None:
     variables = _random_variables(seed=5)
     loaded = checkpoints.LoadedModel("meso4", variables, {}, {})
     crops = np.asarray(jax.random.randint(jax.random.key(7), (BATCH + 1, 256, 256, 3), 0, 256), np.uint8)
     on_host = preprocessing.scale_to_unit(crops)
     assert on_host.dtype == np.float32 and on_host.min() >= 0 and on_host.max() <= 1
-    for fast_path, export_cache in ((True, None), (True, str(tmp_path)), (False, None)):
-        scorer = scoring.Scorer(loaded, batch_size=BATCH, fast_path=fast_path, export_cache=export_cache)
+    for fast_path in (True, False):
+        scorer = scoring.Scorer(loaded, batch_size=BATCH, fast_path=fast_path)
+        assert scorer.uses_fast_path == fast_path
         np.testing.assert_allclose(scorer.score(crops), scorer.score(on_host), atol=1e-6, rtol=0)
-    assert len(list(tmp_path.glob("meso4_fast_*.jaxexport"))) == 2  # one traced program per input dtype
 
 
 def test_supports_only_meso4_on_suitable_shapes() -> None:
