@@ -1,5 +1,6 @@
-"""Meso-4 throughput on this machine: plain Flax vs the fast inference path vs Keras/TensorFlow
-(vs PyTorch when installed), inference at several batch sizes and one training step.
+"""Meso-4 throughput on this machine: plain Flax vs the fast inference path vs Keras/TensorFlow vs
+PyTorch (when installed: channels-last, its own CPU kernels), inference at several batch sizes and
+one training step.
 
     python3 benchmarks/model_throughput.py [--output=FILE.json] [--rounds=3] [--seconds=1.5]
 
@@ -173,6 +174,75 @@ def torch_available() -> bool:
         return False
 
 
+def torch_model(variables: dict):
+    """The same Meso-4 in PyTorch (logits output, NHWC input), with the Flax variables copied in."""
+    import torch
+    from torch import nn
+
+    class Meso4(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = []
+            for in_channels, out_channels, kernel, pool in ((3, 8, 3, 2), (8, 8, 5, 2), (8, 16, 5, 2), (16, 16, 5, 4)):
+                layers += [nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2), nn.ReLU(),
+                           nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01), nn.MaxPool2d(pool)]
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(1024, 16), nn.LeakyReLU(0.1), nn.Dropout(0.5),
+                                      nn.Linear(16, 1))
+
+        def forward(self, images_bhwc):
+            # NHWC memory seen as NCHW: PyTorch's channels-last convolutions, no copy.
+            features = self.features(images_bhwc.permute(0, 3, 1, 2))
+            return self.head(features.permute(0, 2, 3, 1).flatten(1))[:, 0]  # Keras' (H, W, C) flatten order
+
+    model = Meso4()
+    params, stats = variables["params"], variables["batch_stats"]
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.features if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for i, (conv, norm) in enumerate(zip(convs, norms)):
+            block, block_stats = params[f"ConvBlock_{i}"], stats[f"ConvBlock_{i}"]["BatchNorm_0"]
+            conv.weight.copy_(torch.from_numpy(np.transpose(np.asarray(block["Conv_0"]["kernel"]), (3, 2, 0, 1))))
+            conv.bias.copy_(torch.from_numpy(np.asarray(block["Conv_0"]["bias"])))
+            norm.weight.copy_(torch.from_numpy(np.asarray(block["BatchNorm_0"]["scale"])))
+            norm.bias.copy_(torch.from_numpy(np.asarray(block["BatchNorm_0"]["bias"])))
+            norm.running_mean.copy_(torch.from_numpy(np.asarray(block_stats["mean"])))
+            norm.running_var.copy_(torch.from_numpy(np.asarray(block_stats["var"])))
+        for i, dense in enumerate(m for m in model.head if isinstance(m, nn.Linear)):
+            head = params["ClassifierHead_0"][f"Dense_{i}"]
+            dense.weight.copy_(torch.from_numpy(np.asarray(head["kernel"]).T.copy()))
+            dense.bias.copy_(torch.from_numpy(np.asarray(head["bias"])))
+    return model.to(memory_format=torch.channels_last)
+
+
+def torch_contenders(variables: dict, batches: list[int], train_batch: int):
+    """PyTorch CPU inference functions per batch and an Adam/BCE train step, or ({}, None) without torch."""
+    if not torch_available():
+        return {batch: {} for batch in batches}, None
+    import torch
+    model = torch_model(variables).eval()
+
+    def predict(x):
+        with torch.inference_mode():
+            return model(x).numpy()
+    infer = {}
+    for batch in batches:
+        x = torch.from_numpy(np.random.default_rng(batch).random((batch, IMAGE, IMAGE, 3), dtype=np.float32))
+        infer[batch] = {"torch_cpu": (lambda x=x: predict(x), lambda x=x: predict(x))}
+    train_model = torch_model(variables).train()
+    optimizer = torch.optim.Adam(train_model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(7)
+    images = torch.from_numpy(rng.random((train_batch, IMAGE, IMAGE, 3), dtype=np.float32))
+    labels = torch.from_numpy(rng.integers(0, 2, train_batch).astype(np.float32))
+
+    def step():
+        optimizer.zero_grad()
+        loss_fn(train_model(images), labels).backward()
+        optimizer.step()
+    return infer, step
+
+
 def load_variables(weights: str | None) -> tuple[dict, str]:
     import jax
     from meso_jax import models
@@ -228,13 +298,15 @@ def main() -> None:
     compile_start = time.perf_counter()
     flax_infer, flax_train = flax_contenders(variables, batches, args.train_batch)
     keras_infer, keras_train = keras_contenders(variables, batches, args.train_batch)
-    contenders = {b: {**flax_infer[b], **keras_infer[b]} for b in batches}
+    torch_infer, torch_train = torch_contenders(variables, batches, args.train_batch)
+    other_train = {"keras_tf": keras_train, **({"torch_cpu": torch_train} if torch_train else {})}
+    contenders = {b: {**flax_infer[b], **keras_infer[b], **torch_infer[b]} for b in batches}
     outputs = {}
     for batch, by_name in contenders.items():  # warm-up (compiles) and parity check
         outputs[batch] = {name: np.asarray(score_fn(), np.float64).reshape(batch) for name, (_, score_fn) in
                           by_name.items()}
     if not args.skip_training:
-        for step in (*flax_train.values(), keras_train):
+        for step in (*flax_train.values(), *other_train.values()):
             step()
     compile_s = time.perf_counter() - compile_start
 
@@ -256,7 +328,7 @@ def main() -> None:
         print(f"inference batch {batch}: " + ", ".join(
             f"{name} {batch / t['median_s']:.0f} img/s" for name, t in timed.items()), flush=True)
     if not args.skip_training:
-        timed = common.interleaved({**flax_train, "keras_tf": keras_train}, args.rounds, args.seconds)
+        timed = common.interleaved({**flax_train, **other_train}, args.rounds, args.seconds)
         results["training"][args.train_batch] = timed
         print(f"training batch {args.train_batch}: " + ", ".join(
             f"{name} {args.train_batch / t['median_s']:.0f} img/s" for name, t in timed.items()), flush=True)
