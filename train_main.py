@@ -23,17 +23,18 @@ flags.DEFINE_enum("model", "meso4", ["meso4", "mesoinception4", "meso4_video"], 
 flags.DEFINE_integer("epochs", 10, "Passes over the training split (0 with --export_checkpoint just exports).")
 flags.DEFINE_integer("batch_size", 32, "Global batch size (split over all devices).")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak Adam learning rate.")
-flags.DEFINE_enum("schedule", "paper", ["paper", "cosine", "constant"],
-                  "paper: ÷10 every 1,000 steps down to 1e-6; cosine: warm-up then cosine decay.")
+flags.DEFINE_enum("schedule", "constant", ["constant", "paper", "cosine"],
+                  "constant (the shipped model's); paper: ÷10 every 1,000 steps down to 1e-6; "
+                  "cosine: warm-up then cosine decay.")
 flags.DEFINE_integer("warmup_steps", 500, "Warm-up steps for --schedule=cosine.")
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (AdamW) when > 0.")
 flags.DEFINE_enum("loss", "bce", ["bce", "mse"], "bce: cross-entropy on logits; mse: the paper's squared error.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order, augmentation and dropout.")
 flags.DEFINE_string("keras_weights", None, "Initialise from the authors' published .h5 weights.")
 flags.DEFINE_float("val_fraction", 0.1, "Validation share, split by source video, when DATA has no val/ split.")
-flags.DEFINE_enum("augment", "full", list(AUGMENTATIONS),
-                  "Training augmentation: none; flip (horizontal); seed (rotation ±20°, shifts 0.2, flip); "
-                  "full (seed + brightness/contrast + JPEG re-compression).")
+flags.DEFINE_enum("augment", "flip", list(AUGMENTATIONS),
+                  "Training augmentation: none; flip (horizontal, the shipped model's); seed (rotation ±20°, "
+                  "shifts 0.2, flip); full (seed + brightness/contrast + JPEG re-compression).")
 flags.DEFINE_string("cache_dir", None, "Where extracted video faces are cached (default: <workdir>/face_cache).")
 flags.DEFINE_enum("synthesize_fakes", None, ["sbi"], "Add self-blended fakes made from the real faces.")
 flags.DEFINE_enum("resize", "nearest", ["nearest", "area", "bilinear"], "Resize rule to 256x256 (nearest = Keras).")

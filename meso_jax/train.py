@@ -54,7 +54,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 1e-3
-    schedule: str = "paper"  # paper (÷10 every 1,000 steps down to 1e-6) | cosine (warm-up + cosine) | constant
+    schedule: str = "constant"  # constant (the shipped model's) | paper (÷10 every 1,000 steps to 1e-6) | cosine
     warmup_steps: int = 500
     weight_decay: float = 0.0
     loss: str = "bce"  # bce (binary cross-entropy on logits) | mse (the paper's, on probabilities)
@@ -64,7 +64,7 @@ class TrainConfig:
     data_dir: str = ""
     dataset: str = "image"  # image | video
     val_fraction: float = 0.1
-    augment: str = "full"
+    augment: str = "flip"
     cache_dir: str | None = None
     synthesize_fakes: str | None = None
     preprocessing: dict = dataclasses.field(default_factory=dict)  # data_pipelines Preprocessing.to_dict()
