@@ -26,8 +26,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.model_throughput import MESO4_CONVS  # noqa: E402
-
-POOLS = (2, 2, 2, 4)
+from meso_jax.fast_inference import MESO4_POOLS  # noqa: E402
 
 
 def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels: int, pool: int,
@@ -76,7 +75,7 @@ def main() -> None:
     rows = []
     print(f"| block | contender | ms/batch {args.batch} (median) | conv GFLOP/s |")
     print("|---|---|---|---|")
-    for (size, kernel_size, in_channels, out_channels), pool in zip(MESO4_CONVS, POOLS):
+    for (size, kernel_size, in_channels, out_channels), pool in zip(MESO4_CONVS, MESO4_POOLS):
         contenders = block_contenders(size, kernel_size, in_channels, out_channels, pool, args.batch)
         timed = common.interleaved(contenders, args.rounds, args.seconds)
         flop = 2 * size * size * kernel_size * kernel_size * in_channels * out_channels * args.batch

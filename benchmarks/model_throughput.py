@@ -179,11 +179,13 @@ def torch_model(variables: dict):
     import torch
     from torch import nn
 
+    from meso_jax import fast_inference
+
     class Meso4(nn.Module):
         def __init__(self):
             super().__init__()
             layers = []
-            for in_channels, out_channels, kernel, pool in ((3, 8, 3, 2), (8, 8, 5, 2), (8, 16, 5, 2), (16, 16, 5, 4)):
+            for (_, kernel, in_channels, out_channels), pool in zip(MESO4_CONVS, fast_inference.MESO4_POOLS):
                 layers += [nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2), nn.ReLU(),
                            nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01), nn.MaxPool2d(pool)]
             self.features = nn.Sequential(*layers)

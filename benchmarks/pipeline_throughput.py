@@ -4,9 +4,9 @@
 
 Images: face crops (default ../shared/dfdc_faces/val) read + decoded and resized to 256x256 (uint8,
 what predict_main hands to the model, which scales on the device), single-threaded and with a thread
-pool; host-side scaling to float32 (what extract_samples adds) is timed separately. Video: a clip's 32 evenly sampled frames decoded,
-Viola-Jones faces found, crops resized, and Meso-4 (fast path and plain Flax) run on the crops, each
-stage alone; then the whole scan as predict_main does it (samples.extract_face_crops, which overlaps
+pool; host-side scaling to float32 (what extract_samples adds) is timed separately. Video: a clip's
+32 evenly sampled frames decoded, Viola-Jones faces found, crops resized, and Meso-4 (fast path and
+plain Flax) run on the crops, each stage alone; then the whole scan as predict_main does it (samples.extract_face_crops, which overlaps
 face detection with decoding, and the fast path), given as a multiple of real time (clip duration /
 scan seconds).
 """
