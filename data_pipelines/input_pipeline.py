@@ -5,8 +5,10 @@ Two sources feed the same batching code:
     sources.py goes through tf.data, decoding with the shared OpenCV path inside tf.numpy_function;
   * videos, and images that need face detection, are extracted once into the TFRecord face cache
     (cache.py) and every epoch reads only the cache.
-Training elements: {"image": float32 (B, S, S, 3) or (B, T, S, S, 3), "label": float32 (B,) (1.0 = real),
-"weight": float32 (B,) class-balance weights}; validation elements add "path" (B,) strings.
+Training elements: {"image": uint8 (B, S, S, 3) or (B, T, S, S, 3), "label": float32 (B,) (1.0 = real),
+"weight": float32 (B,) class-balance weights}; validation elements add "path" (B,) strings. Images stay
+uint8 until the train/eval step scales them on the device (preprocessing.scale_to_unit, the rule
+prediction uses too), which also quarters the bytes copied to an accelerator.
 """
 
 from __future__ import annotations
@@ -184,10 +186,6 @@ def clip_indices_tf(num_samples: tf.Tensor, clip_frames: int) -> tf.Tensor:
     return tf.cond(num_samples < clip_frames, repeated, windows)
 
 
-def _to_float(images: tf.Tensor) -> tf.Tensor:
-    return tf.cast(images, tf.float32) / 255.0
-
-
 def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size: int, seed: int,
                     val_fraction: float = 0.1, augment: str = "full", cache_dir: str | None = None,
                     synthesize_fakes: str | None = None, clip_frames: int | None = None,
@@ -277,7 +275,7 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
 
         examples = samples.map(to_examples, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
         batches = examples.batch(batch_size, drop_remainder=True).take(steps_per_epoch)
-        batches = batches.map(lambda images, labels: {"image": _to_float(images), "label": labels,
+        batches = batches.map(lambda images, labels: {"image": images, "label": labels,
                                                       "weight": weight_of(labels)},
                               num_parallel_calls=AUTOTUNE, deterministic=True)
         return batches.prefetch(AUTOTUNE)
@@ -287,7 +285,7 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
     val = val_source.samples(np.arange(len(val_source.files))).shard(num_shards, shard_index)
     val = val.batch(batch_size, drop_remainder=False).map(
         lambda images, labels, paths: {
-            "image": _to_float(images), "label": labels, "path": paths,
+            "image": images, "label": labels, "path": paths,
             "weight": tf.where(labels > 0.5, val_real_weight, val_fake_weight)},
         num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
     logging.info("val: %d real + %d fake samples", val_real, val_fake)

@@ -231,8 +231,3 @@ def scale_to_unit(crops: np.ndarray) -> np.ndarray:
 def as_model_input(images: np.ndarray) -> np.ndarray:
     """float32 model input from uint8 crops (scaled with scale_to_unit) or from floats already in [0, 1]."""
     return scale_to_unit(images) if images.dtype == np.uint8 else images.astype(np.float32)
-
-
-def to_model_input(image_rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """uint8 RGB image -> float32 (S, S, 3) in [0, 1], the model's input."""
-    return scale_to_unit(resize_image(image_rgb, prep))

@@ -30,6 +30,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_pipelines.preprocessing import as_model_input
 from meso_jax import checkpoints, fast_training, keras_import, metrics, models
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
@@ -135,12 +136,14 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict, loss: str = "bce") -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch`` = {"image", "label" (1 real), "weight"}; returns (state, metrics)."""
+    """One optimizer step on ``batch`` = {"image", "label" (1 real), "weight"}; returns (state, metrics).
+
+    Images are uint8 (scaled to [0, 1] here, on the device, by the one scaling rule) or floats in [0, 1]."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+            {"params": params, "batch_stats": state.batch_stats}, as_model_input(batch["image"]), train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_rng})
         value = _weighted_mean(per_example_loss(logits, batch["label"], loss), batch["weight"])
         return value, (logits, updates)
@@ -152,8 +155,9 @@ def train_step(state: TrainState, batch: dict, loss: str = "bce") -> tuple[Train
 
 
 def eval_step(state: TrainState, batch: dict, loss: str = "bce") -> dict:
-    """Inference-mode probabilities (real) and per-example losses for ``batch``."""
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    """Inference-mode probabilities (real) and per-example losses for ``batch`` (images as in train_step)."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            as_model_input(batch["image"]), train=False)
     return {"score": jax.nn.sigmoid(logits), "loss": per_example_loss(logits, batch["label"], loss)}
 
 
@@ -407,8 +411,8 @@ def _video_ids(paths: Iterable[str]) -> np.ndarray:
 def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel, batch_size: int,
              jitted_eval_step: Callable, input_shape: tuple[int, ...], video_level: bool = False) -> dict:
     """Validation loss and metrics over ``batches``: this process's part of the split, in batches of at most
-    ``batch_size`` / processes of inputs of ``input_shape``, each padded to that size (padding rows are
-    left out of the metrics).
+    ``batch_size`` / processes of uint8 images of ``input_shape`` (as the input pipelines yield them), each
+    padded to that size (padding rows are left out of the metrics).
 
     With several processes (multi-host), all of them run the same number of steps (one that has run out
     feeds padding) and every example's result is gathered from all of them.
@@ -425,7 +429,9 @@ def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel,
                 break
         elif batch is None:
             break
-        local = {"image": np.zeros((local_batch_size, *input_shape), np.float32),
+        if count and np.asarray(batch["image"]).dtype != np.uint8:
+            raise ValueError(f"evaluate() takes uint8 images, got {np.asarray(batch['image']).dtype}")
+        local = {"image": np.zeros((local_batch_size, *input_shape), np.uint8),
                  "label": np.zeros(local_batch_size, np.float32), "valid": np.zeros(local_batch_size, np.int32),
                  "video": np.zeros((local_batch_size, 2), np.int32)}
         if count:

@@ -26,7 +26,7 @@ def main(workdir: str, output_path: str, coordinator: str | None = None, num_pro
     processes, index = jax.process_count(), jax.process_index()
     local = BATCH // processes
     rng = np.random.default_rng(0)
-    images = rng.uniform(0, 1, (BATCH * STEPS, 256, 256, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (BATCH * STEPS, 256, 256, 3), dtype=np.uint8)
     labels = (rng.uniform(size=BATCH * STEPS) > 0.5).astype(np.float32)
 
     def epoch_batches(epoch: int, skip_steps: int):

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from data_pipelines import cache
 from data_pipelines.input_pipeline import clip_indices_tf, create_datasets, train_dataset_for_epoch
-from data_pipelines.preprocessing import Preprocessing, read_image_rgb, to_model_input
+from data_pipelines.preprocessing import Preprocessing, read_image_rgb, resize_image
 from data_pipelines.samples import clip_indices
 from data_pipelines.sources import LabelledFile
 from data_pipelines.synthesize import _face_mask, self_blend
@@ -60,8 +60,7 @@ def test_image_training_data_shapes_weights_and_skipped_files(image_folder):
     assert len(train) == data.steps_per_epoch
     for batch in train:
         assert set(batch) == {"image", "label", "weight"}
-        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
-        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8  # scaled on device
         real_weight = data.train_count / (2 * data.class_counts["real"])
         np.testing.assert_allclose(batch["weight"], np.where(batch["label"] == 1.0, real_weight,
                                                              data.train_count / (2 * data.class_counts["fake"])))
@@ -75,7 +74,7 @@ def test_validation_is_unaugmented_unshuffled_and_keeps_the_last_batch(image_fol
     assert paths == sorted(paths, key=lambda p: (os.path.dirname(p) != str(image_folder / "real"), p))
     images = np.concatenate([b["image"] for b in val])
     for path, image, label in zip(paths, images, np.concatenate([b["label"] for b in val])):
-        np.testing.assert_array_equal(image, to_model_input(read_image_rgb(path), SMALL))
+        np.testing.assert_array_equal(image, resize_image(read_image_rgb(path), SMALL))
         assert label == (1.0 if "/real/" in path else 0.0)
 
 
@@ -91,7 +90,7 @@ def test_training_order_is_a_function_of_seed_and_epoch(image_folder):
 def test_training_without_augmentation_sees_the_plain_model_inputs(image_folder):
     data = create_datasets(str(image_folder), "image", SMALL, batch_size=2, seed=0, val_fraction=0.25,
                            augment="none")
-    expected = {to_model_input(read_image_rgb(path), SMALL).tobytes()
+    expected = {resize_image(read_image_rgb(path), SMALL).tobytes()
                 for path in map(str, image_folder.glob("*/img*.png"))}
     for batch in batches(data.train):
         assert all(image.tobytes() in expected for image in batch["image"])

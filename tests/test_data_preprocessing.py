@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.preprocessing import (MediaError, Preprocessing, decode_image_bytes, media_kind, probe_image,
-                                          read_image_rgb, to_model_input)
+                                          read_image_rgb, resize_image, scale_to_unit)
 
 
 def _gradient_rgb(height: int = 48, width: int = 64) -> np.ndarray:
@@ -90,13 +90,13 @@ def test_a_png_named_jpg_still_decodes(tmp_path):
     assert read_image_rgb(path).shape == (48, 64, 3)
 
 
-def test_to_model_input_is_nearest_exact_resize_over_255():
+def test_model_input_is_nearest_exact_resize_over_255():
     rgb = _gradient_rgb(224, 224)
-    model_input = to_model_input(rgb, Preprocessing())
+    model_input = scale_to_unit(resize_image(rgb, Preprocessing()))
     expected = cv2.resize(rgb, (256, 256), interpolation=cv2.INTER_NEAREST_EXACT).astype(np.float64) / 255.0
     assert model_input.dtype == np.float32 and model_input.shape == (256, 256, 3)
     np.testing.assert_allclose(model_input, expected, rtol=0, atol=1e-7)
-    bilinear = to_model_input(rgb, Preprocessing(resize="bilinear", image_size=64))
+    bilinear = scale_to_unit(resize_image(rgb, Preprocessing(resize="bilinear", image_size=64)))
     assert bilinear.shape == (64, 64, 3) and 0.0 <= bilinear.min() and bilinear.max() <= 1.0
 
 
@@ -104,7 +104,7 @@ def test_shared_test_image_matches_the_reference_recipe(shared_dir):
     path = shared_dir / "mesonet" / "test_images" / "real" / "real00240.jpg"
     expected = cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), (256, 256),
                           interpolation=cv2.INTER_NEAREST_EXACT) / 255.0
-    np.testing.assert_allclose(to_model_input(read_image_rgb(path), Preprocessing()), expected, atol=1e-7)
+    np.testing.assert_allclose(scale_to_unit(resize_image(read_image_rgb(path), Preprocessing())), expected, atol=1e-7)
 
 
 def test_preprocessing_round_trips_and_validates():

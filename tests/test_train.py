@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipelines.preprocessing import scale_to_unit
 from meso_jax import checkpoints, models, train
 
 BATCH = 8
@@ -15,11 +16,12 @@ STEPS_PER_EPOCH = 20
 
 
 def _synthetic_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Real images have a brighter red channel: separable, but only by learning."""
+    """uint8 images, as the input pipelines yield them. Real images have a brighter red channel:
+    separable, but only by learning."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, count).astype(np.float32)
-    images = rng.uniform(0.0, 0.6, (count, 256, 256, 3)).astype(np.float32)
-    images[labels == 1, :, :, 0] += 0.3
+    images = rng.integers(0, 154, (count, 256, 256, 3), dtype=np.uint8)
+    images[labels == 1, :, :, 0] += 77
     return images, labels
 
 
@@ -76,8 +78,8 @@ def test_training_separates_two_classes_and_resumes(tmp_path) -> None:
     checkpoints.save_model(export_dir, loaded.model_name, loaded.variables, loaded.preprocessing)
     exported = checkpoints.load_model(export_dir)
     module = models.get_model("meso4").module
-    np.testing.assert_array_equal(module.apply(loaded.variables, VAL_IMAGES[:4]),
-                                  module.apply(exported.variables, VAL_IMAGES[:4]))
+    inputs = scale_to_unit(VAL_IMAGES[:4])
+    np.testing.assert_array_equal(module.apply(loaded.variables, inputs), module.apply(exported.variables, inputs))
     assert exported.preprocessing == {"resize": "nearest"}
 
 
@@ -85,7 +87,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     def poisoned_batches(epoch: int, skip_steps: int):
         for step, batch in enumerate(_epoch_batches(epoch, skip_steps)):
             if epoch == 1 and step == 2:
-                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+                batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))  # steps take floats too
             yield batch
 
     with pytest.raises(train.TrainingError, match=r"loss became nan at step 23"):
