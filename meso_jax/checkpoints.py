@@ -167,8 +167,19 @@ def _check_model_name(path: pathlib.Path, metadata: dict) -> str:
     return model_name
 
 
+def scan_preprocessing(metadata: dict) -> dict:
+    """The preprocessing a checkpoint scans with: the recorded one, except that a model trained on
+    pre-cropped face images (dataset "image", face_detector "none") finds faces with Haar first, since
+    users scan whole photos and videos and the crops it learned from were faces."""
+    preprocessing = dict(metadata.get("preprocessing", {}))
+    if metadata.get("dataset") == "image" and preprocessing.get("face_detector") == "none":
+        preprocessing["face_detector"] = "haar"
+    return preprocessing
+
+
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Loads an exported model directory or a training workdir (its best checkpoint).
+    """Loads an exported model directory or a training workdir (its best checkpoint), with the
+    preprocessing to scan with (scan_preprocessing).
 
     A damaged checkpoint (truncated or corrupted files) is skipped with a warning in favour of the next
     best readable one; a checkpoint of another model is an error.
@@ -203,7 +214,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                                     path, step, first_line(error))
                     continue
                 variables = jax.tree_util.tree_map(np.asarray, restored["model"])
-                return LoadedModel(model_name, variables, metadata.get("preprocessing", {}), metadata,
+                return LoadedModel(model_name, variables, scan_preprocessing(metadata), metadata,
                                    source=f"{path} (step {step})")
     except CheckpointError:
         raise

@@ -735,18 +735,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
 
 def export_best(workdir: str | os.PathLike, export_dir: str | os.PathLike,
                 log: Callable[[str], None] = _log_to_stdout) -> None:
-    """Exports the best checkpoint of a training workdir as a model directory for prediction.
-
-    A model trained on pre-cropped face images (face_detector "none") is exported with the Haar
-    detector as its default: users scan whole photos and videos, so faces must be found first,
-    as the crops it was trained on were.
-    """
+    """Exports the best checkpoint of a training workdir as a model directory for prediction, with the
+    preprocessing it scans with (checkpoints.scan_preprocessing: Haar faces for a model trained on
+    pre-cropped face images)."""
     best = checkpoints.load_model(workdir)
-    preprocessing = dict(best.preprocessing)
     extra = {k: v for k, v in best.metadata.items()
              if k not in ("model", "input_shape", "preprocessing", "label_convention")}
-    if best.metadata.get("dataset") == "image" and preprocessing.get("face_detector") == "none":
-        preprocessing["face_detector"] = "haar"
+    if best.preprocessing != best.metadata.get("preprocessing"):
         extra["trained_on"] = "pre-cropped face images (face_detector=none); scans find faces with haar"
-    checkpoints.save_model(export_dir, best.model_name, best.variables, preprocessing, extra)
+    checkpoints.save_model(export_dir, best.model_name, best.variables, best.preprocessing, extra)
     log(f"exported {best.source} to {export_dir}")

@@ -49,8 +49,9 @@ def _config(**overrides) -> train.TrainConfig:
 
 
 def _fit(workdir, epochs: int, messages: list[str]) -> dict:
-    return train.fit(_config(epochs=epochs), workdir, STEPS_PER_EPOCH, {"preprocessing": {"resize": "nearest"}},
-                     _epoch_batches, _val_batches, log=messages.append)
+    run_metadata = {"dataset": "image", "preprocessing": {"resize": "nearest", "face_detector": "none"}}
+    return train.fit(_config(epochs=epochs), workdir, STEPS_PER_EPOCH, run_metadata, _epoch_batches, _val_batches,
+                     log=messages.append)
 
 
 def test_training_separates_two_classes_and_resumes(tmp_path) -> None:
@@ -71,16 +72,19 @@ def test_training_separates_two_classes_and_resumes(tmp_path) -> None:
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert list((tmp_path / "tensorboard").iterdir())
 
-    # The exported best checkpoint scores exactly like the variables it was trained to.
+    # The workdir and its exported best checkpoint score exactly like the variables it was trained to,
+    # and, trained on pre-cropped faces, both scan with Haar faces.
     loaded = checkpoints.load_model(tmp_path)
     assert loaded.model_name == "meso4" and loaded.metadata["metrics"]["val_auc"] > 0.95
+    assert loaded.preprocessing == {"resize": "nearest", "face_detector": "haar"}
     export_dir = tmp_path / "exported"
-    checkpoints.save_model(export_dir, loaded.model_name, loaded.variables, loaded.preprocessing)
+    train.export_best(tmp_path, export_dir, log=first_messages.append)
     exported = checkpoints.load_model(export_dir)
+    assert exported.preprocessing == loaded.preprocessing and "scans find faces with haar" in exported.metadata["trained_on"]
+    assert exported.metadata["metrics"] == loaded.metadata["metrics"]
     module = models.get_model("meso4").module
     inputs = scale_to_unit(VAL_IMAGES[:4])
     np.testing.assert_array_equal(module.apply(loaded.variables, inputs), module.apply(exported.variables, inputs))
-    assert exported.preprocessing == {"resize": "nearest"}
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
