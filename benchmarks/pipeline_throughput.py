@@ -5,7 +5,8 @@
 Images: face crops (default ../shared/dfdc_faces/val) read + decoded and resized to 256x256 (uint8,
 what predict_main hands to the model, which scales on the device), single-threaded and with a thread
 pool; host-side scaling to float32 (what extract_samples adds) is timed separately. Video: a clip's
-32 evenly sampled frames decoded, Viola-Jones faces found, crops resized, and Meso-4 (fast path and
+32 evenly sampled frames decoded (skipping non-reference frames, as the scan does, and for
+comparison decoding every frame), Viola-Jones faces found, crops resized, and Meso-4 (fast path and
 plain Flax) run on the crops, each stage alone; then the whole scan as predict_main does it (samples.extract_face_crops, which overlaps
 face detection with decoding, and the fast path), given as a multiple of real time (clip duration /
 scan seconds).
@@ -88,11 +89,15 @@ def video_stages(path: str, frames: int, rounds: int) -> dict:
     fast_compile = time.perf_counter() - compile_t0
     plain(v_dev, jax.device_put(batch, device)).block_until_ready()
 
-    stage_times: dict[str, list[float]] = {k: [] for k in ("decode", "detect", "detect_2_threads", "crop_resize",
-                                                           "model_fast", "model_plain", "scan_fast")}
+    stage_times: dict[str, list[float]] = {k: [] for k in ("decode", "decode_every_frame", "detect",
+                                                           "detect_2_threads", "crop_resize", "model_fast",
+                                                           "model_plain", "scan_fast")}
     pool = concurrent.futures.ThreadPoolExecutor(2)
     found = 0
     for _ in range(rounds):
+        t_every = time.perf_counter()  # for comparison: without skipping non-reference frames
+        video.sample_video_frames(path, frames, skip_nonreference=False)
+        stage_times["decode_every_frame"].append(time.perf_counter() - t_every)
         t0 = time.perf_counter()
         sampled = video.sample_video_frames(path, frames)
         t1 = time.perf_counter()

@@ -47,6 +47,42 @@ def test_sampling_returns_the_requested_evenly_spaced_frames(tmp_path, name):
     assert [index for index, _ in video.sample_video_frames(path, 100)] == list(range(30))
 
 
+def test_long_videos_are_sampled_by_timestamp_keeping_the_users_ffmpeg_options(tmp_path, monkeypatch):
+    # 120 frames, 5 samples: far enough apart to read with non-reference frames skipped (mp4v has none
+    # to skip, so every frame is decoded, but each one's index now comes from its timestamp).
+    frames = [np.zeros((32, 256, 3), np.uint8) for _ in range(120)]
+    for i, frame in enumerate(frames):
+        frame[:, 2 * i:2 * i + 2] = 255  # frame i: a white stripe at x = 2i
+    path = write_video(tmp_path / "long.mp4", frames)
+    monkeypatch.setenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", "probesize;5000000")
+    expected = video.evenly_spaced_indices(120 - video.SKIP_TAIL_FRAMES, 5)
+    sampled = video.sample_video_frames(path, 5)
+    assert [index for index, _ in sampled] == expected == [0, 28, 56, 83, 111]
+    columns = np.arange(256)
+    stripe_positions = [float((frame.mean(axis=(0, 2)) * columns).sum() / frame.mean(axis=(0, 2)).sum())
+                        for _, frame in sampled]
+    assert [round((x - 0.5) / 2) for x in stripe_positions] == expected
+    assert video.os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "probesize;5000000"
+    monkeypatch.delenv("OPENCV_FFMPEG_CAPTURE_OPTIONS")
+    video.sample_video_frames(path, 5)
+    assert "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in video.os.environ
+
+
+def test_skipping_nonreference_frames_returns_the_fully_decoded_frames(shared_dir):
+    path = str(shared_dir / "dev_videos" / "fake" / "dfdc_yhffcuhhjy.mp4")  # H.264 with B-frames, 301 frames
+    skipped = video.sample_video_frames(path, 32)
+    targets = video.evenly_spaced_indices(301 - video.SKIP_TAIL_FRAMES, 32)
+    indices = [index for index, _ in skipped]
+    assert len(skipped) == 32 and indices == sorted(set(indices))
+    assert all(0 <= index - target < video.MIN_FRAMES_BETWEEN_SAMPLES_FOR_SKIPPING
+               for index, target in zip(indices, targets))
+    assert any(index != target for index, target in zip(indices, targets))  # some frames were skipped
+    fully_decoded, _ = video._read_frames_at(path, indices)
+    assert [index for index, _ in fully_decoded] == indices
+    for (_, frame), (_, reference) in zip(skipped, fully_decoded):
+        np.testing.assert_array_equal(frame, reference)
+
+
 def rotate_mp4_display_matrix(path) -> None:
     """Sets the video track's display matrix (MP4 'tkhd' box) to a 90-degree clockwise rotation, as phones
     record portrait video: the pixels stay landscape, the player is told to turn them."""
