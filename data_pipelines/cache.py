@@ -23,7 +23,7 @@ from data_pipelines.preprocessing import MediaError, Preprocessing
 from data_pipelines.samples import extract_face_crops
 from data_pipelines.sources import LabelledFile
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: videos sampled with non-reference frames skipped (other frames than 1)
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "meso_jax", "faces")
 RECORD_FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),  # PNG, RGB, (S, S, 3)
