@@ -27,6 +27,8 @@ flags.DEFINE_enum("schedule", "constant", ["constant", "paper", "cosine"],
                   "constant (the shipped model's); paper: ÷10 every 1,000 steps down to 1e-6; "
                   "cosine: warm-up then cosine decay.")
 flags.DEFINE_integer("warmup_steps", 500, "Warm-up steps for --schedule=cosine.")
+flags.DEFINE_integer("decay_epochs", 0, "With --schedule=constant: over the last N epochs the rate falls to 0 "
+                     "along a cosine (the epochs before are the plain constant schedule's).")
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (AdamW) when > 0.")
 flags.DEFINE_enum("loss", "bce", ["bce", "mse"], "bce: cross-entropy on logits; mse: the paper's squared error.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order, augmentation and dropout.")
@@ -81,6 +83,7 @@ def main(argv: list[str]) -> int:
         config = train.TrainConfig(
             model=FLAGS.model, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
             learning_rate=FLAGS.learning_rate, schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
+            decay_epochs=FLAGS.decay_epochs,
             weight_decay=FLAGS.weight_decay, loss=FLAGS.loss, seed=FLAGS.seed, keras_weights=FLAGS.keras_weights,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
             progress_bar=FLAGS.progress, data_dir=FLAGS.data_dir or "", dataset=FLAGS.dataset,

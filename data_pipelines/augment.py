@@ -1,6 +1,6 @@
 """Training augmentation with OpenCV on uint8 RGB, deterministic for a given numpy Generator.
 
-Presets (``AUGMENTATIONS``): "flip" (horizontal flip only), "seed" (the seed's Keras
+Presets (``AUGMENTATIONS``): "flip" (horizontal flip only), "jpeg" (flip plus JPEG re-compression), "seed" (the seed's Keras
 ImageDataGenerator settings: rotation +-20 degrees, width/height shifts 0.2, horizontal flip,
 bilinear interpolation) and "full" (seed plus brightness/contrast jitter and JPEG re-compression). A clip (T, S, S, 3) gets one set of parameters for all its frames. OpenCV runs
 these ~10x faster than the equivalent TensorFlow image ops on CPU and releases the GIL, so they run
@@ -32,6 +32,8 @@ AUGMENTATIONS: dict[str, AugmentationSettings | None] = {
     "none": None,
     "flip": AugmentationSettings(rotation_degrees=0.0, shift_fraction=0.0, brightness_delta=0.0,
                                  contrast_range=(1.0, 1.0), jpeg_probability=0.0),
+    "jpeg": AugmentationSettings(rotation_degrees=0.0, shift_fraction=0.0, brightness_delta=0.0,
+                                 contrast_range=(1.0, 1.0)),
     "seed": AugmentationSettings(brightness_delta=0.0, contrast_range=(1.0, 1.0), jpeg_probability=0.0),
     "full": AugmentationSettings(),
 }

@@ -57,6 +57,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     schedule: str = "constant"  # constant (the shipped model's) | paper (÷10 every 1,000 steps to 1e-6) | cosine
     warmup_steps: int = 500
+    decay_epochs: int = 0  # constant schedule only: the rate falls to 0 along a cosine over the last N epochs
     weight_decay: float = 0.0
     loss: str = "bce"  # bce (binary cross-entropy on logits) | mse (the paper's, on probabilities)
     seed: int = 0
@@ -81,6 +82,8 @@ class TrainConfig:
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     """The learning-rate schedule named by ``config.schedule``."""
+    if config.decay_epochs and config.schedule != "constant":
+        raise ValueError(f"decay_epochs applies to the constant schedule, not to {config.schedule!r}")
     if config.schedule == "paper":
         return optax.exponential_decay(config.learning_rate, transition_steps=1000, decay_rate=0.1,
                                        staircase=True, end_value=min(1e-6, config.learning_rate))
@@ -89,7 +92,17 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Sched
         return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1),
                                                   end_value=config.learning_rate * 1e-3)
     if config.schedule == "constant":
-        return optax.constant_schedule(config.learning_rate)
+        if not 0 <= config.decay_epochs <= config.epochs:
+            raise ValueError(f"decay_epochs={config.decay_epochs} must be between 0 and epochs={config.epochs}")
+        if config.decay_epochs == 0:
+            return optax.constant_schedule(config.learning_rate)
+        # Before the decay the rate is exactly the plain constant schedule's, so a constant-rate run's
+        # checkpoint from before the boundary resumes into this schedule unchanged.
+        decay_steps = total_steps * config.decay_epochs // config.epochs
+        return optax.join_schedules(
+            [optax.constant_schedule(config.learning_rate),
+             optax.cosine_decay_schedule(config.learning_rate, decay_steps, alpha=0.0)],
+            boundaries=[total_steps - decay_steps])
     raise ValueError(f"unknown schedule {config.schedule!r}; choose paper, cosine or constant")
 
 

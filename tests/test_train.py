@@ -123,6 +123,21 @@ def test_schedules() -> None:
     assert cosine(0) == 0 and cosine(10) == pytest.approx(1e-3) and cosine(100) < 1e-5
 
 
+def test_constant_schedule_with_final_decay() -> None:
+    # 10 epochs of 100 steps, the last 4 decayed: steps 0-599 are the plain constant rate (so a
+    # constant-rate run's checkpoint from before step 600 resumes into this schedule unchanged).
+    decayed = train.learning_rate_schedule(_config(schedule="constant", epochs=10, decay_epochs=4), total_steps=1000)
+    constant = train.learning_rate_schedule(_config(schedule="constant", epochs=10), total_steps=1000)
+    for step in (0, 300, 599, 600):  # Adam applies the rate in float32
+        assert np.float32(decayed(step)) == np.float32(constant(step)) == np.float32(1e-3)
+    assert float(decayed(800)) == pytest.approx(0.5e-3)
+    assert float(decayed(650)) > float(decayed(900)) > float(decayed(999)) > float(decayed(1000)) == 0.0
+    with pytest.raises(ValueError, match="between 0 and epochs"):
+        train.learning_rate_schedule(_config(schedule="constant", epochs=3, decay_epochs=4), total_steps=300)
+    with pytest.raises(ValueError, match="constant schedule"):
+        train.learning_rate_schedule(_config(schedule="cosine", decay_epochs=2), total_steps=300)
+
+
 def test_mse_loss_is_the_papers_squared_error() -> None:
     logits = np.array([0.0, 2.0])
     labels = np.array([1.0, 0.0])
