@@ -11,7 +11,7 @@ import numpy as np
 
 from data_pipelines.faces import Box, FaceDetector, crop_face, make_face_detector, reject_inconsistent_boxes
 from data_pipelines.preprocessing import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, Preprocessing,
-                                          media_kind, read_image_rgb, resize_image, scale_to_unit)
+                                          check_min_size, media_kind, read_image_rgb, resize_image, scale_to_unit)
 from data_pipelines.video import sample_video_frames
 
 NO_FACE_MESSAGE = "no face found (use --face_detector=none for pre-cropped faces)"
@@ -63,6 +63,15 @@ def _frames_and_faces(path: str, frames_per_video: int, detector: FaceDetector
         return frames, [pending[index].result() for index, _ in frames]
 
 
+def _check_frame_size(path: str, frames: list[tuple[int, np.ndarray]]) -> None:
+    if frames:
+        height, width = frames[0][1].shape[:2]
+        try:
+            check_min_size(width, height, "the video frame")
+        except MediaError as err:
+            raise MediaError(f"{path}: {err}") from None
+
+
 def extract_face_crops(path: str | os.PathLike, prep: Preprocessing) -> FaceCrops:
     """Decodes ``path``, finds faces (unless prep.face_detector == "none") and resizes: uint8 crops.
 
@@ -83,9 +92,11 @@ def extract_face_crops(path: str | os.PathLike, prep: Preprocessing) -> FaceCrop
         if detector is None:
             crops = sample_video_frames(path, prep.frames_per_video)
             frames_read = len(crops)
+            _check_frame_size(path, crops)
         else:
             frames, boxes = _frames_and_faces(path, prep.frames_per_video, detector)
             frames_read = len(frames)
+            _check_frame_size(path, frames)
             crops = [(index, crop_face(frame, box, prep.face_margin))
                      for (index, frame), box in zip(frames, reject_inconsistent_boxes(boxes)) if box is not None]
         if not crops:

@@ -141,6 +141,11 @@ class RecordWriter(Protocol):
         """Writes one record and flushes it."""
 
 
+def printable_path(path: str) -> str:
+    """``path`` on one line: control characters (a newline in a file name) shown as escapes."""
+    return "".join(char if char.isprintable() or char == " " else repr(char)[1:-1] for char in path)
+
+
 class TextRecordWriter:
     """Aligned lines for people: score, verdict with certainty, kind, faces/frames, path."""
 
@@ -155,11 +160,12 @@ class TextRecordWriter:
 
     def write(self, record: ScanRecord) -> None:
         """Writes one record (and its frame scores when asked) and flushes."""
+        path = printable_path(record.path)
         if record.error is not None:
-            self._line("-", "error", record.kind, "-", f"{record.path}  ({record.error})")
+            self._line("-", "error", record.kind, "-", f"{path}  ({record.error})")
         else:
             self._line(f"{record.score:.4f}", f"{record.label} ({record.certainty})", record.kind,
-                       f"{record.faces}/{record.frames}", record.path)
+                       f"{record.faces}/{record.frames}", path)
             if self._per_frame and record.kind == "video":
                 for index, score in zip(record.frame_indices, record.frame_scores):
                     self._stream.write(f"{'':>6}    frame {index:>6}: {score:.4f} {verdict(score, self._threshold)}\n")
@@ -248,7 +254,7 @@ def select_media(path: str, image_limit: int | None = None, video_limit: int | N
 def _error_reason(error: MediaError, path: str) -> str:
     """The error message without the leading "<path>: ", since the record carries the path."""
     message = str(error)
-    prefix = f"{path}: "
+    prefix = " ".join(f"{path}:".split()) + " "  # MediaError puts its message on one line
     return message[len(prefix):] if message.startswith(prefix) else message
 
 

@@ -101,5 +101,13 @@ def test_huge_image_headers_are_refused_before_decoding(tmp_path, monkeypatch):
 
 def test_a_normal_image_still_decodes(tmp_path):
     path = tmp_path / "ok.png"
-    assert cv2.imwrite(str(path), np.full((8, 8, 3), 100, np.uint8))
-    assert preprocessing.read_image_rgb(path).shape == (8, 8, 3)
+    assert cv2.imwrite(str(path), np.full((32, 40, 3), 100, np.uint8))
+    assert preprocessing.read_image_rgb(path).shape == (32, 40, 3)
+
+
+def test_images_too_small_to_judge_are_refused_from_the_header(tmp_path):
+    path = tmp_path / "icon.png"
+    assert cv2.imwrite(str(path), np.full((16, 300, 3), 100, np.uint8))
+    for read in (preprocessing.read_image_rgb, preprocessing.probe_image):  # scanning; the training set's check
+        with pytest.raises(preprocessing.MediaError, match="300x16 pixels, too small to judge"):
+            read(path)

@@ -88,6 +88,13 @@ def hostile_dir(tmp_path_factory) -> pathlib.Path:
     (root / "text.jpg").write_text("this is not a picture\n")
     (root / "huge.png").write_bytes(png_declaring(20_000, 20_000))
     (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(500))
+    assert cv2.imwrite(str(root / "tiny.png"), _pattern("noise")[:2, :3])  # nothing to judge in 3x2 pixels
+    writer = cv2.VideoWriter(str(root / "tiny.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (8, 8))
+    for _ in range(3):
+        writer.write(_pattern("noise")[:8, :8])
+    writer.release()
+    assert cv2.imwrite(str(root / "line\nbreak.png"), _pattern("gradient"))  # a newline in a file name
+    (root / "empty  line\nbreak.jpg").write_bytes(b"")
     (root / "loop").symlink_to(root, target_is_directory=True)
     (root / "dangling.jpg").symlink_to(root / "does-not-exist.jpg")
     (root / "self-loop.png").symlink_to(root / "self-loop.png")
@@ -156,8 +163,11 @@ def test_limits(media_dir, limits, expected_images, expected_videos):
 def test_hostile_inputs_get_error_records(hostile_dir, scorer):
     records = {os.path.basename(r.path): r for r in _scan(hostile_dir, scorer)}
     assert records["good.png"].error is None and records["ünïcødé 画像.png"].error is None
+    assert records["line\nbreak.png"].error is None
+    assert records["empty  line\nbreak.jpg"].error == "empty file"  # the reason alone, without the path
     expected_errors = {"empty.jpg": "empty", "truncated.jpg": "truncated", "garbage.png": "",
-                       "text.jpg": "", "huge.png": "megapixel", "broken.mp4": ""}
+                       "text.jpg": "", "huge.png": "megapixel", "broken.mp4": "",
+                       "tiny.png": "image is 3x2 pixels, too small to judge", "tiny.avi": "frame is 8x8 pixels, too small"}
     for name, phrase in expected_errors.items():
         error = records[name].error
         assert error and "\n" not in error and phrase in error, (name, error)
@@ -212,6 +222,11 @@ def test_writers():
     assert good_line.index("dir/clip.mp4") == bad_line.index("dir/x.jpg") == header.index("file")
     assert "0.8123  real (confident)" in good_line and "7/8" in good_line
     assert "error" in bad_line and "(truncated JPEG)" in bad_line
+
+    text = io.StringIO()  # a newline in a file name stays on the record's line, escaped
+    writer = scan.make_writer("text", text, per_frame=False, threshold=0.5)
+    writer.write(scan.ScanRecord("dir/a\nb.jpg", "image", error="empty file"))
+    assert text.getvalue().splitlines()[1].endswith("dir/a\\nb.jpg  (empty file)")
 
     lines = io.StringIO()
     writer = scan.make_writer("json", lines, per_frame=True, threshold=0.5)
