@@ -32,6 +32,8 @@ flags.DEFINE_integer("decay_epochs", 0, "With --schedule=constant: over the last
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (AdamW) when > 0.")
 flags.DEFINE_enum("loss", "bce", ["bce", "mse"], "bce: cross-entropy on logits; mse: the paper's squared error.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order, augmentation and dropout.")
+flags.DEFINE_enum("kernel_init", "flax", ["flax", "keras"],
+                  "Initial kernels: flax (LeCun-normal, the shipped model's) or keras (Glorot-uniform, as Keras).")
 flags.DEFINE_string("keras_weights", None, "Initialise from the authors' published .h5 weights.")
 flags.DEFINE_float("val_fraction", 0.1, "Validation share, split by source video, when DATA has no val/ split.")
 flags.DEFINE_enum("augment", "flip", list(AUGMENTATIONS),
@@ -85,6 +87,7 @@ def main(argv: list[str]) -> int:
             learning_rate=FLAGS.learning_rate, schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
             decay_epochs=FLAGS.decay_epochs,
             weight_decay=FLAGS.weight_decay, loss=FLAGS.loss, seed=FLAGS.seed, keras_weights=FLAGS.keras_weights,
+            kernel_init=FLAGS.kernel_init,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
             progress_bar=FLAGS.progress, data_dir=FLAGS.data_dir or "", dataset=FLAGS.dataset,
             val_fraction=FLAGS.val_fraction, augment=FLAGS.augment, cache_dir=FLAGS.cache_dir,

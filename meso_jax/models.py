@@ -185,11 +185,34 @@ def get_model(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
 
 
-def init_variables(spec: ModelSpec, seed: int) -> dict:
-    """Initialises ``{"params", "batch_stats"}`` for ``spec`` from an integer seed."""
+KERNEL_INITS = ("flax", "keras")
+
+
+def init_variables(spec: ModelSpec, seed: int, kernel_init: str = "flax") -> dict:
+    """Initialises ``{"params", "batch_stats"}`` for ``spec`` from an integer seed.
+
+    kernel_init: "flax" (LeCun-normal kernels, Flax's default) or "keras" (Glorot-uniform kernels,
+    Keras' default and so the authors'); biases start at zero either way.
+    """
+    if kernel_init not in KERNEL_INITS:
+        raise ValueError(f"unknown kernel_init {kernel_init!r}; choose one of {', '.join(KERNEL_INITS)}")
     dummy_input = jnp.zeros((1, *spec.input_shape), jnp.float32)
     variables = jax.jit(lambda key: spec.module.init(key, dummy_input, train=False))(jax.random.key(seed))
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    params = variables["params"]
+    if kernel_init == "keras":
+        params = _glorot_uniform_kernels(params, jax.random.key(seed))
+    return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+def _glorot_uniform_kernels(params, key: jax.Array):
+    """``params`` with every conv/dense "kernel" redrawn Glorot-uniform (fan over the last two axes,
+    earlier axes the receptive field, as Keras computes it)."""
+    glorot = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    redrawn = [glorot(leaf_key, leaf.shape, leaf.dtype) if path[-1].key == "kernel" else leaf
+               for (path, leaf), leaf_key in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, redrawn)
 
 
 def count_params(tree) -> int:

@@ -62,6 +62,7 @@ class TrainConfig:
     loss: str = "bce"  # bce (binary cross-entropy on logits) | mse (the paper's, on probabilities)
     seed: int = 0
     keras_weights: str | None = None
+    kernel_init: str = "flax"  # flax: LeCun-normal kernels; keras: Glorot-uniform (the seed's Keras recipe)
     # Data (used by train_and_evaluate; fit() takes batches directly).
     data_dir: str = ""
     dataset: str = "image"  # image | video
@@ -125,7 +126,7 @@ def training_module(spec: models.ModelSpec) -> nn.Module:
 def create_train_state(spec: models.ModelSpec, config: TrainConfig, total_steps: int,
                        variables: dict | None = None) -> TrainState:
     """A fresh TrainState, initialised from ``variables`` when given (e.g. imported Keras weights)."""
-    variables = variables or models.init_variables(spec, config.seed)
+    variables = variables or models.init_variables(spec, config.seed, config.kernel_init)
     return TrainState.create(
         apply_fn=training_module(spec).apply,
         params=variables["params"],

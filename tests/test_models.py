@@ -63,3 +63,25 @@ def test_batch_norm_updates_in_train_mode_only() -> None:
     eval_logits_2 = spec.module.apply(variables, images[::-1], train=False)[::-1]
     # In eval mode each image's score is independent of its batch (running statistics are used).
     np.testing.assert_allclose(eval_logits_1, eval_logits_2, rtol=1e-5, atol=1e-5)
+
+
+def test_keras_kernel_init_is_glorot_uniform_and_keeps_the_rest() -> None:
+    spec = models.get_model("meso4")
+    flax_init = models.init_variables(spec, seed=3)
+    keras_init = models.init_variables(spec, seed=3, kernel_init="keras")
+    again = models.init_variables(spec, seed=3, kernel_init="keras")
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, keras_init, again))  # deterministic
+    assert jax.tree_util.tree_structure(keras_init) == jax.tree_util.tree_structure(flax_init)
+    conv = keras_init["params"]["ConvBlock_2"]["Conv_0"]["kernel"]  # 5x5, 8 -> 16
+    limit = np.sqrt(6.0 / (25 * 8 + 25 * 16))  # Keras: fans include the receptive field
+    assert np.abs(conv).max() <= limit and np.abs(conv).max() > 0.9 * limit
+    assert np.std(conv) == pytest.approx(limit / np.sqrt(3), rel=0.1)  # uniform(-a, a): std a / sqrt(3)
+    dense = keras_init["params"]["ClassifierHead_0"]["Dense_0"]["kernel"]  # 1024 -> 16
+    assert np.abs(dense).max() <= np.sqrt(6.0 / (1024 + 16))
+    for block in ("ConvBlock_0", "ConvBlock_3"):  # biases and BatchNorm untouched
+        np.testing.assert_array_equal(keras_init["params"][block]["Conv_0"]["bias"],
+                                      flax_init["params"][block]["Conv_0"]["bias"])
+        np.testing.assert_array_equal(keras_init["params"][block]["BatchNorm_0"]["scale"],
+                                      flax_init["params"][block]["BatchNorm_0"]["scale"])
+    with pytest.raises(ValueError, match="choose one of flax, keras"):
+        models.init_variables(spec, seed=3, kernel_init="he")
