@@ -238,8 +238,9 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
     if synthesize_fakes == "sbi":
         fake_count = real_count
     if real_count == 0 or fake_count == 0:
+        first_reason = f"; first: {skipped[0][1]}" if skipped else ""
         raise ValueError(f"no usable {'real' if real_count == 0 else 'fake'} training samples in {data_dir} "
-                         f"({len(skipped)} files skipped)")
+                         f"({len(skipped)} files skipped{first_reason})")
     train_count = real_count + fake_count
     real_weight, fake_weight = _class_weights(real_count, fake_count)
     logging.info("train: %d real + %d fake samples, class weights real=%.3f fake=%.3f", real_count, fake_count,

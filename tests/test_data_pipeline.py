@@ -104,6 +104,15 @@ def test_a_class_without_files_is_a_value_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_class_whose_files_are_all_unusable_says_why(tmp_path):
+    write_images(tmp_path / "real", 3, seed=1)
+    (tmp_path / "fake").mkdir()
+    for index in range(3):
+        (tmp_path / "fake" / f"broken{index}.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no usable fake training samples .*\(3 files skipped; first: .*empty file\)"):
+        create_datasets(str(tmp_path), "image", SMALL, batch_size=2, seed=0, val_fraction=0.0)
+
+
 @pytest.fixture
 def video_folder(tmp_path):
     for split, count in (("train", 3), ("val", 1)):
