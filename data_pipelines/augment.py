@@ -1,8 +1,9 @@
 """Training augmentation with OpenCV on uint8 RGB, deterministic for a given numpy Generator.
 
-Presets (``AUGMENTATIONS``): "flip" (horizontal flip only), "jpeg" (flip plus JPEG re-compression), "seed" (the seed's Keras
-ImageDataGenerator settings: rotation +-20 degrees, width/height shifts 0.2, horizontal flip,
-bilinear interpolation) and "full" (seed plus brightness/contrast jitter and JPEG re-compression). A clip (T, S, S, 3) gets one set of parameters for all its frames. OpenCV runs
+Presets (``AUGMENTATIONS``): "flip" (horizontal flip only), "jpeg" (flip plus JPEG re-compression),
+"seed" (the seed's Keras ImageDataGenerator settings: rotation +-20 degrees, width/height shifts 0.2,
+horizontal flip, bilinear interpolation) and "full" (seed plus brightness/contrast jitter and JPEG
+re-compression). A clip (T, S, S, 3) gets one set of parameters for all its frames. OpenCV runs
 these ~10x faster than the equivalent TensorFlow image ops on CPU and releases the GIL, so they run
 in parallel inside tf.data's numpy_function calls.
 """
