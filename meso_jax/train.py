@@ -76,6 +76,13 @@ class TrainConfig:
     log_every_steps: int = 50
     progress_bar: bool = True
 
+    def __post_init__(self):
+        # Checked here, before any data is read, so a bad combination fails at once with one line.
+        if self.decay_epochs and self.schedule != "constant":
+            raise ValueError(f"decay_epochs applies to the constant schedule, not to {self.schedule!r}")
+        if not 0 <= self.decay_epochs <= self.epochs:
+            raise ValueError(f"decay_epochs={self.decay_epochs} must be between 0 and epochs={self.epochs}")
+
 
 # ----------------------------------------------------------------------------------------------
 # Pure functions: optimizer, state, loss, steps.
@@ -83,8 +90,6 @@ class TrainConfig:
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     """The learning-rate schedule named by ``config.schedule``."""
-    if config.decay_epochs and config.schedule != "constant":
-        raise ValueError(f"decay_epochs applies to the constant schedule, not to {config.schedule!r}")
     if config.schedule == "paper":
         return optax.exponential_decay(config.learning_rate, transition_steps=1000, decay_rate=0.1,
                                        staircase=True, end_value=min(1e-6, config.learning_rate))
@@ -93,8 +98,6 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Sched
         return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1),
                                                   end_value=config.learning_rate * 1e-3)
     if config.schedule == "constant":
-        if not 0 <= config.decay_epochs <= config.epochs:
-            raise ValueError(f"decay_epochs={config.decay_epochs} must be between 0 and epochs={config.epochs}")
         if config.decay_epochs == 0:
             return optax.constant_schedule(config.learning_rate)
         # Before the decay the rate is exactly the plain constant schedule's, so a constant-rate run's
