@@ -66,10 +66,7 @@ def _frames_and_faces(path: str, frames_per_video: int, detector: FaceDetector
 def _check_frame_size(path: str, frames: list[tuple[int, np.ndarray]]) -> None:
     if frames:
         height, width = frames[0][1].shape[:2]
-        try:
-            check_min_size(width, height, "the video frame")
-        except MediaError as err:
-            raise MediaError(f"{path}: {err}") from None
+        check_min_size(width, height, f"{path}: the video frame")
 
 
 def extract_face_crops(path: str | os.PathLike, prep: Preprocessing) -> FaceCrops:
