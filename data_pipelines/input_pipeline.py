@@ -13,24 +13,22 @@ prediction uses too), which also quarters the bytes copied to an accelerator.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
-import os
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from data_pipelines.augment import AugmentationSettings, augment_images, augmentation_settings
+from data_pipelines.augment import augmentation_settings
 from data_pipelines.cache import CachedFile, build_face_cache, parse_record
-from data_pipelines.preprocessing import MediaError, Preprocessing, probe_image, read_image_rgb, resize_image
+from data_pipelines.preprocessing import MediaError, Preprocessing, read_image_rgb, resize_image
 from data_pipelines.samples import clip_starts
 from data_pipelines.sources import FAKE, REAL, LabelledFile, load_labelled_splits
-from data_pipelines.synthesize import self_blend
+from data_pipelines.training_examples import (SYNTHESIZERS, class_weights, element_rng, epoch_order, probe_images,
+                                              train_examples)
 
 AUTOTUNE = tf.data.AUTOTUNE
-SYNTHESIZERS = ("sbi",)
 FRAME_SHUFFLE_BUFFER = 2048
 CLIP_SHUFFLE_BUFFER = 32
 INTERLEAVE_FILES = 16
@@ -53,47 +51,6 @@ class TrainingData:
 def train_dataset_for_epoch(data: TrainingData, epoch: int) -> tf.data.Dataset:
     """The training pass of ``epoch``: order and augmentation are a deterministic function of (seed, epoch)."""
     return data.make_train(epoch)
-
-
-def _element_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
-
-
-def _train_examples(images: np.ndarray, label: float, rng: np.random.Generator,
-                    augmentation: AugmentationSettings | None,
-                    synthesize_fakes: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """One sample -> stacked training examples: itself, plus its self-blended fake in "sbi" mode; augmented."""
-    examples = [(images, label)]
-    if synthesize_fakes == "sbi":
-        examples.append((self_blend(images, rng), FAKE))
-    if augmentation is not None:
-        examples = [(augment_images(example, rng, augmentation), example_label)
-                    for example, example_label in examples]
-    return (np.stack([example for example, _ in examples]),
-            np.array([example_label for _, example_label in examples], np.float32))
-
-
-def _class_weights(real_count: int, fake_count: int) -> tuple[float, float]:
-    """Weights making both classes count equally in the loss (1.0 for a class without samples)."""
-    total = real_count + fake_count
-    return (total / (2 * real_count) if real_count else 1.0, total / (2 * fake_count) if fake_count else 1.0)
-
-
-def _probe_images(files: list[LabelledFile]) -> tuple[list[LabelledFile], list[tuple[str, str]]]:
-    """Checks every image header in parallel (no pixel decoding): (usable files, skipped (path, reason))."""
-
-    def probe(labelled: LabelledFile) -> str | None:
-        try:
-            probe_image(labelled.path)
-        except MediaError as err:
-            return str(err)
-        return None
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        errors = list(pool.map(probe, files))
-    usable = [f for f, error in zip(files, errors) if error is None]
-    skipped = [(f.path, error) for f, error in zip(files, errors) if error is not None]
-    return usable, skipped
 
 
 class _ImageFiles:
@@ -218,8 +175,8 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
 
     on_the_fly = dataset == "image" and prep.face_detector == "none" and clip_frames is None
     if on_the_fly:
-        train_usable, skipped = _probe_images(train_files)
-        val_usable, val_skipped = _probe_images(splits.val)
+        train_usable, skipped = probe_images(train_files)
+        val_usable, val_skipped = probe_images(splits.val)
         train_source, val_source = _ImageFiles(train_usable, prep), _ImageFiles(val_usable, prep)
     else:
         cached, skipped, extracted = build_face_cache(train_files + splits.val, prep, cache_dir)
@@ -242,7 +199,7 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         raise ValueError(f"no usable {'real' if real_count == 0 else 'fake'} training samples in {data_dir} "
                          f"({len(skipped)} files skipped{first_reason})")
     train_count = real_count + fake_count
-    real_weight, fake_weight = _class_weights(real_count, fake_count)
+    real_weight, fake_weight = class_weights(real_count, fake_count)
     logging.info("train: %d real + %d fake samples, class weights real=%.3f fake=%.3f", real_count, fake_count,
                  real_weight, fake_weight)
     steps_per_epoch = (train_count // num_shards) // batch_size
@@ -255,7 +212,7 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         return tf.where(label > 0.5, real_weight, fake_weight)
 
     def make_train(epoch: int) -> tf.data.Dataset:
-        order = np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(len(train_source.files))
+        order = epoch_order(seed, epoch, len(train_source.files))
         if on_the_fly:
             samples = train_source.samples(order)
         else:
@@ -263,7 +220,7 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         samples = samples.enumerate().shard(num_shards, shard_index)
 
         def transform(index, images, label):
-            return _train_examples(images, float(label), _element_rng(seed, epoch, int(index)),
+            return train_examples(images, float(label), element_rng(seed, epoch, int(index)),
                                    augmentation, synthesize_fakes)
 
         def to_examples(index, sample):
@@ -282,7 +239,7 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         return batches.prefetch(AUTOTUNE)
 
     val_real, val_fake = val_source.sample_counts()
-    val_real_weight, val_fake_weight = _class_weights(val_real, val_fake)
+    val_real_weight, val_fake_weight = class_weights(val_real, val_fake)
     val = val_source.samples(np.arange(len(val_source.files))).shard(num_shards, shard_index)
     val = val.batch(batch_size, drop_remainder=False).map(
         lambda images, labels, paths: {
