@@ -39,6 +39,9 @@ flags.DEFINE_float("val_fraction", 0.1, "Validation share, split by source video
 flags.DEFINE_enum("augment", "flip", list(AUGMENTATIONS),
                   "Training augmentation: none; flip (horizontal, the shipped model's); seed (rotation ±20°, "
                   "shifts 0.2, flip); full (seed + brightness/contrast + JPEG re-compression).")
+flags.DEFINE_enum("input_pipeline", "tfdata", ["tfdata", "memory"],
+                  "tfdata: decode the files every epoch; memory: pre-cropped images (--face_detector=none) "
+                  "decoded once into RAM, same batches, no TensorFlow needed (for fast accelerators).")
 flags.DEFINE_string("cache_dir", None, "Where extracted video faces are cached (default: <workdir>/face_cache).")
 flags.DEFINE_enum("synthesize_fakes", None, ["sbi"], "Add self-blended fakes made from the real faces.")
 flags.DEFINE_enum("resize", "nearest", ["nearest", "area", "bilinear"], "Resize rule to 256x256 (nearest = Keras).")
@@ -90,7 +93,8 @@ def main(argv: list[str]) -> int:
             kernel_init=FLAGS.kernel_init,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
             progress_bar=FLAGS.progress, data_dir=FLAGS.data_dir or "", dataset=FLAGS.dataset,
-            val_fraction=FLAGS.val_fraction, augment=FLAGS.augment, cache_dir=FLAGS.cache_dir,
+            val_fraction=FLAGS.val_fraction, augment=FLAGS.augment, input_pipeline=FLAGS.input_pipeline,
+            cache_dir=FLAGS.cache_dir,
             synthesize_fakes=FLAGS.synthesize_fakes, preprocessing=preprocessing.to_dict())
         train.train_and_evaluate(config, FLAGS.workdir, export_dir=FLAGS.export_checkpoint)
     except train.TrainingInterrupted as error:

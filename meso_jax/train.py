@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -34,6 +35,7 @@ from data_pipelines.preprocessing import as_model_input
 from meso_jax import checkpoints, fast_training, keras_import, metrics, models
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
+INPUT_PIPELINES = ("tfdata", "memory")
 
 
 class TrainingError(Exception):
@@ -68,6 +70,7 @@ class TrainConfig:
     dataset: str = "image"  # image | video
     val_fraction: float = 0.1
     augment: str = "flip"
+    input_pipeline: str = "tfdata"  # tfdata (decodes every epoch) | memory (decodes once; images only, no TF)
     cache_dir: str | None = None
     synthesize_fakes: str | None = None
     preprocessing: dict = dataclasses.field(default_factory=dict)  # data_pipelines Preprocessing.to_dict()
@@ -82,6 +85,9 @@ class TrainConfig:
             raise ValueError(f"decay_epochs applies to the constant schedule, not to {self.schedule!r}")
         if not 0 <= self.decay_epochs <= self.epochs:
             raise ValueError(f"decay_epochs={self.decay_epochs} must be between 0 and epochs={self.epochs}")
+        if self.input_pipeline not in INPUT_PIPELINES:
+            raise ValueError(f"unknown input_pipeline {self.input_pipeline!r}; choose one of "
+                             f"{', '.join(INPUT_PIPELINES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +407,12 @@ class _EventLog:
         self.jsonl_path = workdir / "metrics.jsonl"
         self._summary_writer = None
         if self.enabled:
-            import tensorflow as tf  # tf.summary only; JAX owns the accelerators
+            try:
+                import tensorflow as tf  # tf.summary only; JAX owns the accelerators
+            except ImportError:
+                logging.warning("TensorFlow is not installed: no TensorBoard events, metrics go to %s only",
+                                self.jsonl_path)
+                return
             tf.config.set_visible_devices([], "GPU")
             self._tf = tf
             self._summary_writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
@@ -411,6 +422,8 @@ class _EventLog:
             return
         with self.jsonl_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._summary_writer is None:
+            return
         with self._summary_writer.as_default(step=step):
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
@@ -700,7 +713,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
 
     With ``config.epochs == 0`` and Keras weights, only converts those weights to ``export_dir``.
     """
-    from data_pipelines import input_pipeline
     from data_pipelines.preprocessing import Preprocessing
 
     if config.epochs == 0 and export_dir:
@@ -721,12 +733,32 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
     processes = jax.process_count()
     if config.batch_size % processes:
         raise TrainingError(f"batch size {config.batch_size} does not divide by the {processes} hosts")
-    data = input_pipeline.create_datasets(
-        config.data_dir, config.dataset, prep, config.batch_size // processes, config.seed,
-        val_fraction=config.val_fraction, augment=config.augment,
-        cache_dir=config.cache_dir or str(workdir / "face_cache"), synthesize_fakes=config.synthesize_fakes,
-        clip_frames=spec.input_shape[0] if spec.is_clip_model else None,
-        num_shards=processes, shard_index=jax.process_index())
+    local_batch_size = config.batch_size // processes
+    if config.input_pipeline == "memory":
+        from data_pipelines import in_memory  # needs no TensorFlow
+
+        if spec.is_clip_model:
+            raise TrainingError(f"--input_pipeline=memory takes images; {spec.name} trains on video clips")
+        data = in_memory.create_datasets(
+            config.data_dir, config.dataset, prep, local_batch_size, config.seed, val_fraction=config.val_fraction,
+            augment=config.augment, synthesize_fakes=config.synthesize_fakes, num_shards=processes,
+            shard_index=jax.process_index())
+        epoch_batches, val_batches = data.train_batches, data.val_batches
+    else:
+        from data_pipelines import input_pipeline
+
+        data = input_pipeline.create_datasets(
+            config.data_dir, config.dataset, prep, local_batch_size, config.seed,
+            val_fraction=config.val_fraction, augment=config.augment,
+            cache_dir=config.cache_dir or str(workdir / "face_cache"), synthesize_fakes=config.synthesize_fakes,
+            clip_frames=spec.input_shape[0] if spec.is_clip_model else None,
+            num_shards=processes, shard_index=jax.process_index())
+
+        def epoch_batches(epoch: int, skip_steps: int) -> Iterator[dict]:
+            return input_pipeline.train_dataset_for_epoch(data, epoch).skip(skip_steps).as_numpy_iterator()
+
+        def val_batches() -> Iterator[dict]:
+            return data.val.as_numpy_iterator()
     log(f"data: {data.train_count} training and {data.val_count} validation examples; "
         f"classes {data.class_counts}; {len(data.skipped)} files skipped")
     if data.skipped and jax.process_index() == 0:
@@ -734,17 +766,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
         skipped_path.write_text("".join(f"{path}\t{reason}\n" for path, reason in data.skipped))
         log(f"the skipped files and why are listed in {skipped_path}")
 
-    def epoch_batches(epoch: int, skip_steps: int) -> Iterator[dict]:
-        return input_pipeline.train_dataset_for_epoch(data, epoch).skip(skip_steps).as_numpy_iterator()
-
     run_metadata = {
         "preprocessing": prep.to_dict(), "dataset": config.dataset,
         "data": {"data_dir": os.path.abspath(config.data_dir), "train_count": data.train_count,
                  "val_count": data.val_count, "class_counts": data.class_counts,
                  "skipped_count": len(data.skipped)},
     }
-    result = fit(config, workdir, data.steps_per_epoch, run_metadata, epoch_batches,
-                 lambda: data.val.as_numpy_iterator(), log)
+    result = fit(config, workdir, data.steps_per_epoch, run_metadata, epoch_batches, val_batches, log)
     if export_dir and jax.process_index() == 0:
         export_best(workdir, export_dir, log)
     return result

@@ -1,0 +1,211 @@
+"""Pre-cropped face images decoded once into host memory, yielding the same batches as input_pipeline.
+
+For ``--dataset=image --face_detector=none`` data that fits in RAM (uint8 S×S×3 per image: the 27,804
+DFDC crops at 256×256 take 5.5 GB). Every epoch yields exactly the batches of input_pipeline's tf.data
+pipeline for the same seed (same files, order, per-example augmentation and self-blending, class
+weights, sharding and validation batches), so a run does not depend on which pipeline fed it. Use it
+where TensorFlow is not installed, or where decoding every file every epoch would starve a fast
+accelerator. Batches are assembled by a thread pool a few steps ahead of the training loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+
+from data_pipelines.augment import augmentation_settings
+from data_pipelines.preprocessing import MediaError, Preprocessing, read_image_rgb, resize_image
+from data_pipelines.sources import FAKE, REAL, LabelledFile, load_labelled_splits
+from data_pipelines.training_examples import (SYNTHESIZERS, class_weights, element_rng, epoch_order, probe_images,
+                                              train_examples)
+
+PREFETCH_BATCHES = 8
+MAX_MEMORY_FRACTION = 0.8
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclasses.dataclass
+class _DecodedSplit:
+    """The usable files of a split (in split order) and their decoded images; row -1 = failed to decode."""
+
+    files: list[LabelledFile]
+    rows: np.ndarray
+    images: np.ndarray
+
+    def readable(self) -> np.ndarray:
+        return np.flatnonzero(self.rows >= 0)
+
+    def counts(self) -> tuple[int, int]:
+        labels = np.array([f.label for f in self.files])[self.readable()]
+        return int(np.sum(labels == REAL)), int(np.sum(labels == FAKE))
+
+
+def _decode_all(splits: dict[str, list[LabelledFile]], prep: Preprocessing
+                ) -> tuple[dict[str, _DecodedSplit], list[tuple[str, str]]]:
+    """Decodes every file of every split into one uint8 array per split, in parallel with OpenCV."""
+    shape = (prep.image_size, prep.image_size, 3)
+    total = sum(len(files) for files in splits.values())
+    needed = total * int(np.prod(shape))
+    available = _available_memory_bytes()
+    if available is not None and needed > MAX_MEMORY_FRACTION * available:
+        raise ValueError(f"the {total} images need {needed / 2**30:.1f} GiB decoded, more than "
+                         f"{MAX_MEMORY_FRACTION:.0%} of the {available / 2**30:.1f} GiB available; "
+                         f"use --input_pipeline=tfdata")
+    logging.info("decoding %d images into memory (%.1f GiB)", total, needed / 2**30)
+
+    def load(path: str) -> np.ndarray | str:
+        try:
+            return resize_image(read_image_rgb(path), prep)
+        except MediaError as err:
+            return str(err)
+
+    decoded, failed = {}, []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for name, files in splits.items():
+            images = np.empty((len(files),) + shape, np.uint8)
+            rows = np.full(len(files), -1, np.int64)
+            for index, (labelled, result) in enumerate(zip(files, pool.map(load, [f.path for f in files]))):
+                if isinstance(result, str):
+                    logging.warning("skipping unreadable training file: %s", result)
+                    failed.append((labelled.path, result))
+                else:
+                    images[index] = result
+                    rows[index] = index
+            decoded[name] = _DecodedSplit(files, rows, images)
+    return decoded, failed
+
+
+@dataclasses.dataclass
+class InMemoryData:
+    """Training and validation batches from memory; the fields mirror input_pipeline.TrainingData."""
+
+    train_count: int
+    val_count: int
+    class_counts: dict
+    skipped: list[tuple[str, str]]
+    steps_per_epoch: int
+    _train: _DecodedSplit = dataclasses.field(repr=False)
+    _val: _DecodedSplit = dataclasses.field(repr=False)
+    _settings: dict = dataclasses.field(repr=False)
+
+    def train_batches(self, epoch: int, skip_steps: int = 0) -> Iterator[dict]:
+        """The batches of epoch ``epoch`` from step ``skip_steps`` on: {"image", "label", "weight"}."""
+        settings = self._settings
+        seed, batch_size = settings["seed"], settings["batch_size"]
+        num_shards, shard_index = settings["num_shards"], settings["shard_index"]
+        examples_per_sample = 2 if settings["synthesize_fakes"] == "sbi" else 1
+        order = epoch_order(seed, epoch, len(self._train.files))
+        stream = order[self._train.rows[order] >= 0]  # the readable samples in epoch order
+        indices = np.arange(len(stream))[shard_index::num_shards]  # enumerate, then shard (as tf.data does)
+        real_weight, fake_weight = settings["train_weights"]
+
+        def batch(step: int) -> dict:
+            first, last = step * batch_size, (step + 1) * batch_size
+            images, labels = [], []
+            for sample in range(first // examples_per_sample, -(-last // examples_per_sample)):
+                index = int(indices[sample])
+                labelled = self._train.files[stream[index]]
+                sample_images, sample_labels = train_examples(
+                    self._train.images[self._train.rows[stream[index]]], labelled.label,
+                    element_rng(seed, epoch, index), settings["augmentation"], settings["synthesize_fakes"])
+                images.append(sample_images)
+                labels.append(sample_labels)
+            offset = first % examples_per_sample
+            images_bhwc = np.concatenate(images)[offset:offset + batch_size]
+            label_b = np.concatenate(labels)[offset:offset + batch_size]
+            return {"image": images_bhwc, "label": label_b,
+                    "weight": np.where(label_b > 0.5, real_weight, fake_weight).astype(np.float32)}
+
+        yield from _prefetched(batch, range(skip_steps, self.steps_per_epoch))
+
+    def val_batches(self) -> Iterator[dict]:
+        """Unaugmented validation batches in file order, the last one short: adds "path"."""
+        settings = self._settings
+        batch_size = settings["batch_size"]
+        mine = self._val.readable()[settings["shard_index"]::settings["num_shards"]]
+        real_weight, fake_weight = settings["val_weights"]
+        for first in range(0, len(mine), batch_size):
+            chosen = mine[first:first + batch_size]
+            label_b = np.array([self._val.files[i].label for i in chosen], np.float32)
+            yield {"image": self._val.images[self._val.rows[chosen]], "label": label_b,
+                   "path": np.array([self._val.files[i].path.encode() for i in chosen], object),
+                   "weight": np.where(label_b > 0.5, real_weight, fake_weight).astype(np.float32)}
+
+
+def _prefetched(make_batch, steps: range) -> Iterator[dict]:
+    """make_batch(step) for each step, computed by a thread pool up to PREFETCH_BATCHES steps ahead."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        pending = [pool.submit(make_batch, step) for step in steps[:PREFETCH_BATCHES]]
+        for step in steps[PREFETCH_BATCHES:]:
+            yield pending.pop(0).result()
+            pending.append(pool.submit(make_batch, step))
+        for future in pending:
+            yield future.result()
+
+
+def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size: int, seed: int,
+                    val_fraction: float = 0.1, augment: str = "full", synthesize_fakes: str | None = None,
+                    num_shards: int = 1, shard_index: int = 0) -> InMemoryData:
+    """input_pipeline.create_datasets for pre-cropped images, held in memory (see the module docstring).
+
+    Raises ValueError (one line) for data this pipeline does not take (videos, face detection), data
+    larger than the memory, or a class without usable files.
+    """
+    if dataset != "image" or prep.face_detector != "none":
+        raise ValueError("the in-memory pipeline takes pre-cropped face images (--dataset=image "
+                         "--face_detector=none); use --input_pipeline=tfdata")
+    augmentation = augmentation_settings(augment)
+    if synthesize_fakes not in (None, *SYNTHESIZERS):
+        raise ValueError(f"unknown synthesize_fakes {synthesize_fakes!r}; choose one of {', '.join(SYNTHESIZERS)}")
+    if batch_size < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need batch_size >= 1 and 0 <= shard_index < num_shards, got {batch_size}, "
+                         f"{shard_index}, {num_shards}")
+    splits = load_labelled_splits(data_dir, ("image",), val_fraction, seed, require_fakes=synthesize_fakes is None)
+    train_files = splits.train
+    if synthesize_fakes == "sbi":
+        train_files = [f for f in train_files if f.label == REAL]
+    train_usable, skipped = probe_images(train_files)
+    val_usable, val_skipped = probe_images(splits.val)
+    decoded, failed = _decode_all({"train": train_usable, "val": val_usable}, prep)
+    skipped = skipped + val_skipped + failed
+    if skipped:
+        logging.warning("skipped %d unreadable files (first: %s)", len(skipped), skipped[0][1])
+
+    real_count, fake_count = decoded["train"].counts()
+    if synthesize_fakes == "sbi":
+        fake_count = real_count
+    if real_count == 0 or fake_count == 0:
+        first_reason = f"; first: {skipped[0][1]}" if skipped else ""
+        raise ValueError(f"no usable {'real' if real_count == 0 else 'fake'} training samples in {data_dir} "
+                         f"({len(skipped)} files skipped{first_reason})")
+    train_count = real_count + fake_count
+    steps_per_epoch = (train_count // num_shards) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {train_count // num_shards} training "
+                         f"samples per shard")
+    val_real, val_fake = decoded["val"].counts()
+    settings = {"seed": seed, "batch_size": batch_size, "num_shards": num_shards, "shard_index": shard_index,
+                "augmentation": augmentation, "synthesize_fakes": synthesize_fakes,
+                "train_weights": class_weights(real_count, fake_count),
+                "val_weights": class_weights(val_real, val_fake)}
+    logging.info("in memory: train %d real + %d fake, val %d real + %d fake", real_count, fake_count,
+                 val_real, val_fake)
+    return InMemoryData(train_count=train_count, val_count=val_real + val_fake,
+                        class_counts={"real": real_count, "fake": fake_count}, skipped=skipped,
+                        steps_per_epoch=steps_per_epoch, _train=decoded["train"], _val=decoded["val"],
+                        _settings=settings)
