@@ -107,6 +107,37 @@ class Meso4(nn.Module):
         return ClassifierHead()(x, train)
 
 
+class ShiftedConv(nn.Module):
+    """A k×k "SAME" convolution (any dilation) with nn.Conv's parameters ("kernel" (k, k, Cin, Cout),
+    "bias"), initialisation and results. Off the CPU it is computed as the sum of its k² shifted taps,
+    which XLA fuses into one loop and whose gradient is slices and reductions: on an H100 that made the
+    MesoInception-4 training step 21x faster (the convolution's weight gradient with dilation and 2–4
+    channels was the slowest op). On the CPU, where XLA's convolution is 2.7x faster, it is used.
+    """
+
+    features: int
+    kernel_size: int = 3
+    dilation: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, dilation = self.kernel_size, self.dilation
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        if jax.default_backend() == "cpu":
+            return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+        reach = dilation * (k // 2)
+        padded = jnp.pad(x, ((0, 0), (reach, reach), (reach, reach), (0, 0)))
+        height, width = x.shape[1:3]
+        y = bias
+        for row in range(k):
+            for col in range(k):
+                window = padded[:, row * dilation:row * dilation + height, col * dilation:col * dilation + width]
+                y = y + jnp.sum(window[..., :, None] * kernel[row, col], axis=-2)
+        return y
+
+
 class InceptionBlock(nn.Module):
     """MesoNet's inception layer: four ReLU branches (1x1; 1x1-3x3; 1x1-3x3 d2; 1x1-3x3 d3)."""
 
@@ -118,7 +149,7 @@ class InceptionBlock(nn.Module):
         branches = [nn.relu(nn.Conv(a, (1, 1), name="branch1_1x1")(x))]
         for name, width, dilation in (("branch2", b, 1), ("branch3", c, 2), ("branch4", d, 3)):
             y = nn.relu(nn.Conv(width, (1, 1), name=f"{name}_1x1")(x))
-            y = nn.Conv(width, (3, 3), padding="SAME", kernel_dilation=dilation, name=f"{name}_3x3")(y)
+            y = ShiftedConv(width, 3, dilation, name=f"{name}_3x3")(y)
             branches.append(nn.relu(y))
         return jnp.concatenate(branches, axis=-1)
 

@@ -85,3 +85,25 @@ def test_keras_kernel_init_is_glorot_uniform_and_keeps_the_rest() -> None:
                                       flax_init["params"][block]["BatchNorm_0"]["scale"])
     with pytest.raises(ValueError, match="choose one of flax, keras"):
         models.init_variables(spec, seed=3, kernel_init="he")
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_shifted_conv_is_flax_conv(dilation: int, backend: str, monkeypatch) -> None:
+    """Same parameters, initial values, outputs and gradients as nn.Conv, on either formulation."""
+    import flax.linen as nn
+
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 13, 11, 4))
+    reference = nn.Conv(3, (3, 3), padding="SAME", kernel_dilation=dilation)
+    shifted = models.ShiftedConv(3, 3, dilation)
+    variables = reference.init(jax.random.PRNGKey(1), images)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)  # the formulation is chosen at trace time
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, shifted.init(jax.random.PRNGKey(1), images))
+
+    def loss(module, params):
+        return jnp.sum(jnp.sin(module.apply(params, images)))
+
+    np.testing.assert_allclose(shifted.apply(variables, images), reference.apply(variables, images), atol=2e-6)
+    jax.tree_util.tree_map(lambda want, got: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5),
+                           jax.grad(lambda p: loss(reference, p))(variables),
+                           jax.grad(lambda p: loss(shifted, p))(variables))
