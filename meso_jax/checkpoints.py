@@ -4,7 +4,7 @@ Layout: every checkpoint directory is an orbax ``CheckpointManager`` root whose 
 ``model`` (params + batch_stats), ``metadata`` (JSON: model name, input shape, preprocessing, label
 convention, flags, metrics) and, for training checkpoints only, ``train`` (optimizer state, step,
 rng, data position). A training ``--workdir`` keeps them in ``<workdir>/checkpoints``; an exported
-model (``checkpoints/meso4`` in this repository) is the same format with one step and no ``train``.
+model (``checkpoints/mesoinception4`` and ``checkpoints/meso4`` here) is the same format with one step and no ``train``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from meso_jax import models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "meso4"
+DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "mesoinception4"  # the better of the two shipped
 LABEL_CONVENTION = "score = sigmoid(logit) = probability that the content is REAL (1 real, 0 fake)"
 WORKDIR_CHECKPOINTS = "checkpoints"
 BEST_METRIC = "val_auc"

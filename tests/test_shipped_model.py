@@ -1,4 +1,4 @@
-"""The model shipped in checkpoints/ loads with its metadata and is what predict_main uses by default."""
+"""The models shipped in checkpoints/ load with their metadata; the default is what predict_main uses."""
 
 from __future__ import annotations
 
@@ -14,34 +14,50 @@ from data_pipelines.preprocessing import Preprocessing
 from meso_jax import checkpoints, models, scoring
 
 
-def test_shipped_model_loads_with_its_metadata() -> None:
-    loaded = checkpoints.load_model(checkpoints.DEFAULT_MODEL_DIR)
-    assert loaded.model_name == "meso4"
+SHIPPED = {"meso4": 27_977, "mesoinception4": 28_615}
+
+
+def test_the_default_model_is_the_better_shipped_one() -> None:
+    aucs = {name: checkpoints.load_model(checkpoints.REPO_ROOT / "checkpoints" / name).metadata["metrics"]["val_auc"]
+            for name in SHIPPED}
+    assert checkpoints.DEFAULT_MODEL_DIR.name == max(aucs, key=aucs.get)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_with_its_metadata(name: str) -> None:
+    loaded = checkpoints.load_model(checkpoints.REPO_ROOT / "checkpoints" / name)
+    assert loaded.model_name == name
     assert "probability that the content is REAL" in loaded.metadata["label_convention"]
     assert loaded.preprocessing["face_detector"] == "haar"  # trained on crops; scans find faces first
     assert loaded.preprocessing["resize"] == "nearest" and loaded.preprocessing["image_size"] == 256
-    assert loaded.metadata["metrics"]["val_auc"] > 0.6
-    assert models.count_params(loaded.variables["params"]) == 27_977
+    assert loaded.metadata["metrics"]["val_auc"] > 0.8
+    assert models.count_params(loaded.variables["params"]) == SHIPPED[name]
     images = np.random.default_rng(0).uniform(0, 1, (2, 256, 256, 3)).astype(np.float32)
-    scores = jax.nn.sigmoid(models.get_model("meso4").module.apply(loaded.variables, images))
+    scores = jax.nn.sigmoid(models.get_model(name).module.apply(loaded.variables, images))
     assert np.all((scores >= 0) & (scores <= 1))
 
 
-def test_shipped_model_reproduces_its_recorded_validation_auc(shared_dir) -> None:
-    """The checkpoint is the one its metadata (and the model card) describe: the validation AUC
-    recorded at training time comes out again when the scanner's code path scores the val split."""
+# MesoInception-4 scores ~30 img/s on a 2-core CPU, so it is checked on every 10th val file (278): the
+# AUC eval_main measured on that subset when the model was shipped (on all 2,780 files it reproduced the
+# training-time 0.8482). Meso-4's fast path scores the whole split.
+@pytest.mark.parametrize("name, stride, expected_auc", [("meso4", 1, None), ("mesoinception4", 10, 0.8214896)])
+def test_shipped_model_reproduces_its_validation_auc(shared_dir, name: str, stride: int,
+                                                     expected_auc: float | None) -> None:
+    """The checkpoint is the one its metadata (and the model card) describe: the validation AUC comes
+    out again when the scanner's code path scores the val split."""
     val_dir = shared_dir / "dfdc_faces" / "val"
     if not val_dir.is_dir():
         pytest.skip(f"{val_dir} absent")
-    loaded = checkpoints.load_model(checkpoints.DEFAULT_MODEL_DIR)
+    loaded = checkpoints.load_model(checkpoints.REPO_ROOT / "checkpoints" / name)
     prep = dataclasses.replace(Preprocessing.from_dict(loaded.preprocessing), face_detector="none")
     scorer = scoring.Scorer(loaded, batch_size=64)
     labeled = [(path, label) for label, folder in ((1, "real"), (0, "fake"))
-               for path in sorted((val_dir / folder).iterdir())]
+               for path in sorted((val_dir / folder).iterdir())][::stride]
     scores = []
     for start in range(0, len(labeled), scorer.batch_size):
         crops = np.concatenate([samples.extract_face_crops(path, prep).crops_bhwc
                                 for path, _ in labeled[start:start + scorer.batch_size]])
         scores.extend(scorer.score_batch(crops))
     auc = sklearn.metrics.roc_auc_score([label for _, label in labeled], scores)
-    assert abs(auc - loaded.metadata["metrics"]["val_auc"]) < 1e-3, (auc, loaded.metadata["metrics"])
+    expected = loaded.metadata["metrics"]["val_auc"] if expected_auc is None else expected_auc
+    assert abs(auc - expected) < 1e-3, (auc, expected)
