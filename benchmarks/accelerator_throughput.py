@@ -15,6 +15,7 @@ compare with the training rate. Needs no TensorFlow.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -97,7 +98,8 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batches.split(",")]
     device = jax.devices()[0]
     info = {**common.machine_info(), "device": f"{device.platform}: {device.device_kind}",
-            "device_count": jax.device_count(), "jax": jax.__version__, "rows": []}
+            "device_count": jax.device_count(), "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": []}
     print(f"# {info['date_utc']}  {info['device']} x{info['device_count']}  host {info['cpu_model']} "
           f"({info['cpu_count']} cores)  jax {jax.__version__}")
     print(f"{'model':<16}{'batch':>6}{'train img/s':>13}{'step ms':>9}{'compile s':>11}{'infer img/s':>13}")
