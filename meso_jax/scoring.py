@@ -135,13 +135,16 @@ class Scorer:
 
     def score_batch(self, inputs: np.ndarray) -> np.ndarray:
         """Scores at most ``batch_size`` inputs (uint8 crops, or floats in [0, 1]); pads to the fixed
-        batch shape. Returns float64 (N,)."""
+        batch shape, except that a lone input on one device is scored as a batch of one (a one-image
+        scan then computes one input, not ``batch_size``, and still compiles one shape). Returns
+        float64 (N,)."""
         count = inputs.shape[0]
         if count > self.batch_size or tuple(inputs.shape[1:]) != self.input_shape:
             raise ValueError(f"expected at most {self.batch_size} inputs of shape {self.input_shape}, "
                              f"got {inputs.shape}")
         dtype = np.dtype(np.uint8 if inputs.dtype == np.uint8 else np.float32)
-        padded = np.zeros((self.batch_size,) + self.input_shape, dtype)
+        rows = 1 if count == 1 and self.device_count == 1 else self.batch_size
+        padded = np.zeros((rows,) + self.input_shape, dtype)
         padded[:count] = inputs
         probabilities = self._probabilities_fn(self._variables, jax.device_put(padded, self._input_sharding))
         return np.asarray(probabilities, dtype=np.float64)[:count]

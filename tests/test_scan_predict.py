@@ -121,6 +121,13 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("xdg_cache")
 
 
+def test_a_lone_input_scores_as_in_a_full_batch(scorer):
+    crops = np.random.default_rng(3).integers(0, 256, (SMALL_BATCH,) + scorer.input_shape, dtype=np.uint8)
+    together = scorer.score_batch(crops)
+    np.testing.assert_allclose(scorer.score_batch(crops[1:2]), together[1:2], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scorer.score(crops[:SMALL_BATCH - 1]), together[:-1], rtol=0, atol=1e-6)
+
+
 def test_each_score_belongs_to_its_path(media_dir, scorer):
     records = _scan(media_dir, scorer)
     paths = [r.path for r in records]
