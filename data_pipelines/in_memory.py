@@ -21,8 +21,8 @@ import numpy as np
 from data_pipelines.augment import augmentation_settings
 from data_pipelines.preprocessing import MediaError, Preprocessing, read_image_rgb, resize_image
 from data_pipelines.sources import FAKE, REAL, LabelledFile, load_labelled_splits
-from data_pipelines.training_examples import (SYNTHESIZERS, class_weights, element_rng, epoch_order, probe_images,
-                                              train_examples)
+from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, epoch_order,
+                                              probe_images, train_examples, training_counts, training_files)
 
 PREFETCH_BATCHES = 8
 MAX_MEMORY_FRACTION = 0.8
@@ -170,34 +170,18 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         raise ValueError("the in-memory pipeline takes pre-cropped face images (--dataset=image "
                          "--face_detector=none); use --input_pipeline=tfdata")
     augmentation = augmentation_settings(augment)
-    if synthesize_fakes not in (None, *SYNTHESIZERS):
-        raise ValueError(f"unknown synthesize_fakes {synthesize_fakes!r}; choose one of {', '.join(SYNTHESIZERS)}")
-    if batch_size < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need batch_size >= 1 and 0 <= shard_index < num_shards, got {batch_size}, "
-                         f"{shard_index}, {num_shards}")
+    check_arguments(synthesize_fakes, batch_size, num_shards, shard_index)
     splits = load_labelled_splits(data_dir, ("image",), val_fraction, seed, require_fakes=synthesize_fakes is None)
-    train_files = splits.train
-    if synthesize_fakes == "sbi":
-        train_files = [f for f in train_files if f.label == REAL]
-    train_usable, skipped = probe_images(train_files)
+    train_usable, skipped = probe_images(training_files(splits, synthesize_fakes))
     val_usable, val_skipped = probe_images(splits.val)
     decoded, failed = _decode_all({"train": train_usable, "val": val_usable}, prep)
     skipped = skipped + val_skipped + failed
     if skipped:
         logging.warning("skipped %d unreadable files (first: %s)", len(skipped), skipped[0][1])
 
-    real_count, fake_count = decoded["train"].counts()
-    if synthesize_fakes == "sbi":
-        fake_count = real_count
-    if real_count == 0 or fake_count == 0:
-        first_reason = f"; first: {skipped[0][1]}" if skipped else ""
-        raise ValueError(f"no usable {'real' if real_count == 0 else 'fake'} training samples in {data_dir} "
-                         f"({len(skipped)} files skipped{first_reason})")
+    real_count, fake_count, steps_per_epoch = training_counts(
+        *decoded["train"].counts(), synthesize_fakes, skipped, data_dir, batch_size, num_shards)
     train_count = real_count + fake_count
-    steps_per_epoch = (train_count // num_shards) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} is larger than the {train_count // num_shards} training "
-                         f"samples per shard")
     val_real, val_fake = decoded["val"].counts()
     settings = {"seed": seed, "batch_size": batch_size, "num_shards": num_shards, "shard_index": shard_index,
                 "augmentation": augmentation, "synthesize_fakes": synthesize_fakes,

@@ -25,8 +25,8 @@ from data_pipelines.cache import CachedFile, build_face_cache, parse_record
 from data_pipelines.preprocessing import MediaError, Preprocessing, read_image_rgb, resize_image
 from data_pipelines.samples import clip_starts
 from data_pipelines.sources import FAKE, REAL, LabelledFile, load_labelled_splits
-from data_pipelines.training_examples import (SYNTHESIZERS, class_weights, element_rng, epoch_order, probe_images,
-                                              train_examples)
+from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, epoch_order,
+                                              probe_images, train_examples, training_counts, training_files)
 
 AUTOTUNE = tf.data.AUTOTUNE
 FRAME_SHUFFLE_BUFFER = 2048
@@ -157,21 +157,12 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
     if dataset not in ("image", "video"):
         raise ValueError(f"unknown dataset {dataset!r}; choose image or video")
     augmentation = augmentation_settings(augment)
-    if synthesize_fakes not in (None, *SYNTHESIZERS):
-        raise ValueError(f"unknown synthesize_fakes {synthesize_fakes!r}; choose one of {', '.join(SYNTHESIZERS)}")
-    if batch_size < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need batch_size >= 1 and 0 <= shard_index < num_shards, got {batch_size}, "
-                         f"{shard_index}, {num_shards}")
+    check_arguments(synthesize_fakes, batch_size, num_shards, shard_index)
     if clip_frames is not None and clip_frames < 1:
         raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
     splits = load_labelled_splits(data_dir, (dataset,), val_fraction, seed,
                                   require_fakes=synthesize_fakes is None)
-    train_files = splits.train
-    if synthesize_fakes == "sbi":
-        unused = sum(f.label == FAKE for f in train_files)
-        train_files = [f for f in train_files if f.label == REAL]
-        logging.info("synthesize_fakes=sbi: training on %d real files and their self-blended fakes "
-                     "(%d fake files in the training split not used)", len(train_files), unused)
+    train_files = training_files(splits, synthesize_fakes)
 
     on_the_fly = dataset == "image" and prep.face_detector == "none" and clip_frames is None
     if on_the_fly:
@@ -191,21 +182,12 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         logging.warning("skipped %d unreadable training and %d validation files (first: %s)", len(skipped),
                         len(val_skipped), (skipped + val_skipped)[0][1])
 
-    real_count, fake_count = train_source.sample_counts()
-    if synthesize_fakes == "sbi":
-        fake_count = real_count
-    if real_count == 0 or fake_count == 0:
-        first_reason = f"; first: {skipped[0][1]}" if skipped else ""
-        raise ValueError(f"no usable {'real' if real_count == 0 else 'fake'} training samples in {data_dir} "
-                         f"({len(skipped)} files skipped{first_reason})")
+    real_count, fake_count, steps_per_epoch = training_counts(
+        *train_source.sample_counts(), synthesize_fakes, skipped, data_dir, batch_size, num_shards)
     train_count = real_count + fake_count
     real_weight, fake_weight = class_weights(real_count, fake_count)
     logging.info("train: %d real + %d fake samples, class weights real=%.3f fake=%.3f", real_count, fake_count,
                  real_weight, fake_weight)
-    steps_per_epoch = (train_count // num_shards) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} is larger than the {train_count // num_shards} training "
-                         f"samples per shard")
     element_shape = train_source.element_shape
 
     def weight_of(label: tf.Tensor) -> tf.Tensor:

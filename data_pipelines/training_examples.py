@@ -6,13 +6,14 @@ weights. Written once so that the two pipelines yield the same batches for the s
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 
 import numpy as np
 
 from data_pipelines.augment import AugmentationSettings, augment_images
 from data_pipelines.preprocessing import MediaError, probe_image
-from data_pipelines.sources import FAKE, LabelledFile
+from data_pipelines.sources import FAKE, REAL, LabelledFile, LabelledSplits
 from data_pipelines.synthesize import self_blend
 
 SYNTHESIZERS = ("sbi",)
@@ -63,3 +64,39 @@ def probe_images(files: list[LabelledFile]) -> tuple[list[LabelledFile], list[tu
     usable = [f for f, error in zip(files, errors) if error is None]
     skipped = [(f.path, error) for f, error in zip(files, errors) if error is not None]
     return usable, skipped
+
+
+def check_arguments(synthesize_fakes: str | None, batch_size: int, num_shards: int, shard_index: int) -> None:
+    """ValueError (one line) for arguments no pipeline takes."""
+    if synthesize_fakes not in (None, *SYNTHESIZERS):
+        raise ValueError(f"unknown synthesize_fakes {synthesize_fakes!r}; choose one of {', '.join(SYNTHESIZERS)}")
+    if batch_size < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need batch_size >= 1 and 0 <= shard_index < num_shards, got {batch_size}, "
+                         f"{shard_index}, {num_shards}")
+
+
+def training_files(splits: LabelledSplits, synthesize_fakes: str | None) -> list[LabelledFile]:
+    """The training split's files a run reads: only the real ones when it makes its own (SBI) fakes."""
+    if synthesize_fakes != "sbi":
+        return splits.train
+    real_files = [f for f in splits.train if f.label == REAL]
+    logging.info("synthesize_fakes=sbi: training on %d real files and their self-blended fakes "
+                 "(%d fake files in the training split not used)", len(real_files),
+                 len(splits.train) - len(real_files))
+    return real_files
+
+
+def training_counts(real_count: int, fake_count: int, synthesize_fakes: str | None, skipped: list[tuple[str, str]],
+                    data_dir: str, batch_size: int, num_shards: int) -> tuple[int, int, int]:
+    """(real, fake, steps per epoch) of the training examples; ValueError (one line) when a class has no
+    usable sample (naming the first skipped file and why) or one shard holds less than a batch."""
+    if synthesize_fakes == "sbi":
+        fake_count = real_count  # one self-blended fake per real sample
+    if real_count == 0 or fake_count == 0:
+        first_reason = f"; first: {skipped[0][1]}" if skipped else ""
+        raise ValueError(f"no usable {'real' if real_count == 0 else 'fake'} training samples in {data_dir} "
+                         f"({len(skipped)} files skipped{first_reason})")
+    per_shard = (real_count + fake_count) // num_shards
+    if per_shard < batch_size:
+        raise ValueError(f"batch_size {batch_size} is larger than the {per_shard} training samples per shard")
+    return real_count, fake_count, per_shard // batch_size
