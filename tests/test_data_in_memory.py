@@ -9,9 +9,7 @@ import pytest
 
 from data_pipelines import in_memory, input_pipeline
 from data_pipelines.preprocessing import Preprocessing
-from tests.test_data_pipeline import image_folder  # noqa: F401  (the fixture: 12 real, 8 fake, 2 unreadable)
-
-SMALL = Preprocessing(image_size=32, face_detector="none", frames_per_video=3)
+from tests.test_data_pipeline import SMALL, image_folder  # noqa: F401  (the fixture: 12 real, 8 fake, 2 unreadable)
 
 
 def assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
