@@ -41,14 +41,14 @@ def _available_memory_bytes() -> int | None:
 
 @dataclasses.dataclass
 class _DecodedSplit:
-    """The usable files of a split (in split order) and their decoded images; row -1 = failed to decode."""
+    """The usable files of a split (in split order), their decoded images and which of them decoded."""
 
     files: list[LabelledFile]
-    rows: np.ndarray
+    decoded: np.ndarray  # bool (N,)
     images: np.ndarray
 
     def readable(self) -> np.ndarray:
-        return np.flatnonzero(self.rows >= 0)
+        return np.flatnonzero(self.decoded)
 
     def counts(self) -> tuple[int, int]:
         labels = np.array([f.label for f in self.files])[self.readable()]
@@ -78,15 +78,15 @@ def _decode_all(splits: dict[str, list[LabelledFile]], prep: Preprocessing
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for name, files in splits.items():
             images = np.empty((len(files),) + shape, np.uint8)
-            rows = np.full(len(files), -1, np.int64)
+            ok = np.zeros(len(files), bool)
             for index, (labelled, result) in enumerate(zip(files, pool.map(load, [f.path for f in files]))):
                 if isinstance(result, str):
                     logging.warning("skipping unreadable training file: %s", result)
                     failed.append((labelled.path, result))
                 else:
                     images[index] = result
-                    rows[index] = index
-            decoded[name] = _DecodedSplit(files, rows, images)
+                    ok[index] = True
+            decoded[name] = _DecodedSplit(files, ok, images)
     return decoded, failed
 
 
@@ -110,7 +110,7 @@ class InMemoryData:
         num_shards, shard_index = settings["num_shards"], settings["shard_index"]
         examples_per_sample = 2 if settings["synthesize_fakes"] == "sbi" else 1
         order = epoch_order(seed, epoch, len(self._train.files))
-        stream = order[self._train.rows[order] >= 0]  # the readable samples in epoch order
+        stream = order[self._train.decoded[order]]  # the readable samples in epoch order
         indices = np.arange(len(stream))[shard_index::num_shards]  # enumerate, then shard (as tf.data does)
         real_weight, fake_weight = settings["train_weights"]
 
@@ -119,9 +119,8 @@ class InMemoryData:
             images, labels = [], []
             for sample in range(first // examples_per_sample, -(-last // examples_per_sample)):
                 index = int(indices[sample])
-                labelled = self._train.files[stream[index]]
                 sample_images, sample_labels = train_examples(
-                    self._train.images[self._train.rows[stream[index]]], labelled.label,
+                    self._train.images[stream[index]], self._train.files[stream[index]].label,
                     element_rng(seed, epoch, index), settings["augmentation"], settings["synthesize_fakes"])
                 images.append(sample_images)
                 labels.append(sample_labels)
@@ -142,7 +141,7 @@ class InMemoryData:
         for first in range(0, len(mine), batch_size):
             chosen = mine[first:first + batch_size]
             label_b = np.array([self._val.files[i].label for i in chosen], np.float32)
-            yield {"image": self._val.images[self._val.rows[chosen]], "label": label_b,
+            yield {"image": self._val.images[chosen], "label": label_b,
                    "path": np.array([self._val.files[i].path.encode() for i in chosen], object),
                    "weight": np.where(label_b > 0.5, real_weight, fake_weight).astype(np.float32)}
 
