@@ -81,3 +81,12 @@ def write_json(path: str | os.PathLike, payload: dict) -> pathlib.Path:
 def default_output(name: str) -> pathlib.Path:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return RESULTS_DIR / f"{name}_{stamp}.json"
+
+
+def package_version(distribution: str) -> str:
+    """The installed version of ``distribution``, or "not installed"."""
+    import importlib.metadata  # pylint: disable=import-outside-toplevel
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

@@ -1,6 +1,7 @@
 """Meso-4 throughput on this machine: plain Flax vs the fast inference path vs Keras/TensorFlow vs
 PyTorch (when installed: channels-last, its own CPU kernels), inference at several batch sizes and
-one training step.
+one training step. Our contenders run with XLA's convolutions and, suffixed "_onednn", with
+meso_jax.onednn's (the default on CPU where that backend builds).
 
     python3 benchmarks/model_throughput.py [--output=FILE.json] [--rounds=3] [--seconds=1.5]
 
@@ -56,13 +57,19 @@ def matmul_peak(seconds: float) -> dict:
 
 
 def flax_contenders(variables: dict, batches: list[int], train_batch: int):
-    """Plain Flax and fast-path inference functions, and Flax train steps (Adam, BCE, BN train)."""
+    """Plain Flax and fast-path inference functions, and Flax train steps (Adam, BCE, BN train), each
+    compiled with XLA's convolutions and, where meso_jax.onednn is available, with oneDNN's."""
     import jax
     import optax
-    from meso_jax import fast_inference, models
+    from meso_jax import fast_inference, models, onednn
+
+    backends = {"": False, **({"_onednn": True} if onednn.available() else {})}
+
+    def compiled(fn, use_onednn: bool, *args):
+        with onednn.forced(use_onednn):  # a fresh function: JAX would reuse an earlier trace of ``fn``
+            return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
     module = models.get_model("meso4").module
-    plain = jax.jit(lambda v, x: module.apply(v, x, train=False))
     device = jax.devices()[0]
     v_dev = jax.device_put(variables, device)
     devices = jax.devices()
@@ -74,24 +81,27 @@ def flax_contenders(variables: dict, batches: list[int], train_batch: int):
     for batch in batches:
         x_host = np.random.default_rng(batch).random((batch, IMAGE, IMAGE, 3), dtype=np.float32)
         x = jax.device_put(x_host, device)
-        infer[batch] = {
-            "flax_plain": (lambda x=x: plain(v_dev, x).block_until_ready(), lambda x=x: np.asarray(plain(v_dev, x))),
-            "jax_fast": (lambda x=x: fast_inference.meso4_logits(v_dev, x).block_until_ready(),
-                         lambda x=x: np.asarray(fast_inference.meso4_logits(v_dev, x))),
-        }
-        if len(devices) > 1 and batch % len(devices) == 0:
-            xs = jax.device_put(x_host, batch_sharding)
-            infer[batch][f"jax_fast_{len(devices)}dev"] = (
-                lambda xs=xs: fast_inference.meso4_logits(v_rep, xs).block_until_ready(),
-                lambda xs=xs: np.asarray(fast_inference.meso4_logits(v_rep, xs)))
+        infer[batch] = {}
+        for suffix, use_onednn in backends.items():
+            plain = compiled(lambda v, x: module.apply(v, x, train=False), use_onednn, v_dev, x)
+            fast = compiled(fast_inference.meso4_forward, use_onednn, v_dev, x)
+            infer[batch][f"flax_plain{suffix}"] = (lambda f=plain, x=x: f(v_dev, x).block_until_ready(),
+                                                   lambda f=plain, x=x: np.asarray(f(v_dev, x)))
+            infer[batch][f"jax_fast{suffix}"] = (lambda f=fast, x=x: f(v_dev, x).block_until_ready(),
+                                                 lambda f=fast, x=x: np.asarray(f(v_dev, x)))
+            if len(devices) > 1 and batch % len(devices) == 0:
+                xs = jax.device_put(x_host, batch_sharding)
+                sharded = compiled(fast_inference.meso4_forward, use_onednn, v_rep, xs)
+                infer[batch][f"jax_fast_{len(devices)}dev{suffix}"] = (
+                    lambda f=sharded, xs=xs: f(v_rep, xs).block_until_ready(),
+                    lambda f=sharded, xs=xs: np.asarray(f(v_rep, xs)))
     optimizer = optax.adam(1e-3)
     rng = np.random.default_rng(7)
     images = jax.device_put(rng.random((train_batch, IMAGE, IMAGE, 3), dtype=np.float32), device)
     labels = jax.device_put(rng.integers(0, 2, train_batch).astype(np.float32), device)
 
-    def make_train(train_module):
-        """A jitted Adam/BCE step of ``train_module`` on a fixed batch, as a no-argument callable."""
-        @jax.jit
+    def make_train(train_module, use_onednn: bool):
+        """A compiled Adam/BCE step of ``train_module`` on a fixed batch, as a no-argument callable."""
         def train_step(params, batch_stats, opt_state, images, labels, key):
             def loss_fn(p):
                 logits, updates = train_module.apply({"params": p, "batch_stats": batch_stats}, images,
@@ -103,17 +113,22 @@ def flax_contenders(variables: dict, batches: list[int], train_batch: int):
 
         state = {"params": v_dev["params"], "batch_stats": v_dev["batch_stats"],
                  "opt": optimizer.init(v_dev["params"]), "key": jax.random.key(0)}
+        step_fn = compiled(train_step, use_onednn, state["params"], state["batch_stats"], state["opt"], images,
+                           labels, state["key"])
 
         def step():
             state["key"], key = jax.random.split(state["key"])
-            state["params"], state["batch_stats"], state["opt"], loss = train_step(
+            state["params"], state["batch_stats"], state["opt"], loss = step_fn(
                 state["params"], state["batch_stats"], state["opt"], images, labels, key)
             loss.block_until_ready()
         return step
 
     # flax_plain: the Flax module as is; jax_fused: its first block trained with meso_jax.fast_training
-    # (what train.py uses on CPU).
-    train = {"flax_plain": make_train(module), "jax_fused": make_train(module.clone(fused_first_block=True))}
+    # (what train.py uses on CPU); "_onednn": the same with oneDNN's convolutions (the default on CPU).
+    train = {}
+    for suffix, use_onednn in backends.items():
+        train[f"flax_plain{suffix}"] = make_train(module, use_onednn)
+        train[f"jax_fused{suffix}"] = make_train(module.clone(fused_first_block=True), use_onednn)
     return infer, train
 
 
@@ -286,7 +301,8 @@ def main() -> None:
     import flax
     info["versions"] = {"jax": jax.__version__, "flax": flax.__version__, "tensorflow": tf.__version__,
                         "keras": keras.__version__, "numpy": np.__version__,
-                        "torch": "not installed" if not torch_available() else __import__("torch").__version__}
+                        "torch": "not installed" if not torch_available() else __import__("torch").__version__,
+                        "onednn": common.package_version("onednn-cpu-gomp")}
     info["tf_onednn"] = os.environ["TF_ENABLE_ONEDNN_OPTS"]
     info["tf_threads"] = {"intra": tf.config.threading.get_intra_op_parallelism_threads(),
                           "inter": tf.config.threading.get_inter_op_parallelism_threads()}

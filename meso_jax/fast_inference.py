@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import preprocessing
-from meso_jax import fast_training, models
+from meso_jax import fast_training, models, onednn
 
 # Max-pool size of each Meso-4 block; kernel sizes and channels come from the variables.
 MESO4_POOLS = (2, 2, 2, 4)
@@ -65,8 +65,7 @@ def _phased_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.A
 def _conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,
                 pool: int) -> jax.Array:
     """The same block with XLA's convolution and reduce_window (for the small late layers)."""
-    z = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    z = onednn.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
     window = (1, pool, pool, 1)
     pooled_max = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, window, window, "VALID")
     pooled_min = jax.lax.reduce_window(z, jnp.inf, jax.lax.min, window, window, "VALID")

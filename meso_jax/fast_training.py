@@ -28,6 +28,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from meso_jax import onednn
+
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -66,7 +68,7 @@ def pool_phase_conv(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, pool:
 
 
 def _conv(x_bhwc: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x_bhwc, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMENSIONS)
+    return onednn.conv_general_dilated(x_bhwc, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMENSIONS)
 
 
 def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon):

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from meso_jax import fast_training
+from meso_jax import fast_training, onednn
 
 KERAS_BN_EPSILON = 1e-3
 KERAS_BN_MOMENTUM = 0.99
@@ -30,6 +30,12 @@ def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
         epsilon=KERAS_BN_EPSILON,
         name=name,
     )
+
+
+def _conv(features: int, kernel_size: int, name: str | None = None) -> nn.Conv:
+    """A SAME 2-D convolution with bias, run by oneDNN on the CPU where available (meso_jax.onednn)."""
+    return nn.Conv(features, (kernel_size, kernel_size), padding="SAME", name=name,
+                   conv_general_dilated=onednn.conv_general_dilated)
 
 
 def _max_pool(x: jax.Array, pool: int) -> jax.Array:
@@ -54,7 +60,7 @@ class ConvBlock(nn.Module):
         if (train and self.fused_training and not self.is_initializing()
                 and fast_training.supports(images_bhwc.shape, self.kernel_size, self.pool)):
             return self._fused_train(images_bhwc)
-        x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), padding="SAME")(images_bhwc)
+        x = _conv(self.features, self.kernel_size)(images_bhwc)
         x = _batch_norm(train)(nn.relu(x))
         return _max_pool(x, self.pool)
 
@@ -112,7 +118,8 @@ class ShiftedConv(nn.Module):
     "bias"), initialisation and results. Off the CPU it is computed as the sum of its k² shifted taps,
     which XLA fuses into one loop and whose gradient is slices and reductions: on an H100 that made the
     MesoInception-4 training step 21x faster (the convolution's weight gradient with dilation and 2–4
-    channels was the slowest op). On the CPU, where XLA's convolution is 2.7x faster, it is used.
+    channels was the slowest op). On the CPU, where a convolution is faster (XLA's 2.7x for training),
+    the convolution is used (oneDNN's where available, see meso_jax.onednn).
     """
 
     features: int
@@ -125,8 +132,8 @@ class ShiftedConv(nn.Module):
         kernel = self.param("kernel", nn.linear.default_kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         if jax.default_backend() == "cpu":
-            return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+            return onednn.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
         reach = dilation * (k // 2)
         padded = jnp.pad(x, ((0, 0), (reach, reach), (reach, reach), (0, 0)))
         height, width = x.shape[1:3]
@@ -146,9 +153,9 @@ class InceptionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         a, b, c, d = self.branch_features
-        branches = [nn.relu(nn.Conv(a, (1, 1), name="branch1_1x1")(x))]
+        branches = [nn.relu(_conv(a, 1, name="branch1_1x1")(x))]
         for name, width, dilation in (("branch2", b, 1), ("branch3", c, 2), ("branch4", d, 3)):
-            y = nn.relu(nn.Conv(width, (1, 1), name=f"{name}_1x1")(x))
+            y = nn.relu(_conv(width, 1, name=f"{name}_1x1")(x))
             y = ShiftedConv(width, 3, dilation, name=f"{name}_3x3")(y)
             branches.append(nn.relu(y))
         return jnp.concatenate(branches, axis=-1)

@@ -1,0 +1,127 @@
+"""The optional oneDNN convolution backend (meso_jax/onednn.py): same values and gradients as XLA's
+convolution, used by the models on the CPU, and a clear fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meso_jax import models, onednn
+from tests.conftest import random_model_variables
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(scope="module")
+def backend() -> None:
+    """Skips when the backend is not built here (CI installs it from requirements.txt on Linux x86-64)."""
+    if jax.default_backend() != "cpu" or not onednn.available():
+        pytest.skip("the oneDNN backend is unavailable here (needs the onednn-cpu-gomp wheels, a C++ compiler "
+                    "and the CPU backend); XLA's convolution is used instead")
+
+
+def _compiled(fn, use_onednn: bool, *args):
+    with onednn.forced(use_onednn):
+        return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+
+
+@pytest.mark.parametrize("batch,height,width,in_channels,out_channels,kernel_size,dilation", [
+    (3, 16, 19, 3, 8, 3, 1),   # Meso-4's first layer, odd width
+    (2, 12, 12, 8, 8, 5, 1),   # 5x5 layers
+    (2, 17, 16, 2, 4, 3, 2),   # MesoInception-4's dilated branches
+    (2, 16, 16, 4, 2, 3, 3),
+    (2, 9, 9, 5, 7, 1, 1),     # 1x1
+    (2, 10, 10, 3, 5, 4, 1),   # even kernel: SAME pads one more at the end
+])
+def test_convolution_and_both_gradients_match_xla(backend, batch, height, width, in_channels, out_channels,
+                                                   kernel_size, dilation):
+    rng = np.random.default_rng(kernel_size * 10 + dilation)
+    x = rng.standard_normal((batch, height, width, in_channels), np.float32)
+    kernel = rng.standard_normal((kernel_size, kernel_size, in_channels, out_channels), np.float32)
+    upstream = rng.standard_normal((batch, height, width, out_channels), np.float32)
+
+    def conv(x, kernel):
+        return onednn.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+                                           dimension_numbers=_DIMENSIONS)
+
+    def value_and_grads(x, kernel):
+        y, vjp = jax.vjp(conv, x, kernel)
+        return y, *vjp(upstream)
+
+    ours = _compiled(value_and_grads, True, x, kernel)
+    assert "custom_call" in ours.as_text() and "convolution(" not in ours.as_text()
+    expected = _compiled(value_and_grads, False, x, kernel)(x, kernel)
+    for name, got, want in zip(("y", "grad_x", "grad_kernel"), ours(x, kernel), expected):
+        scale = float(np.max(np.abs(want)))
+        assert float(np.max(np.abs(np.asarray(got) - np.asarray(want)))) <= 1e-5 * scale, name
+
+
+def test_both_gradients_repeatedly_in_one_program(backend):
+    """XLA runs the two independent gradient calls concurrently; each must use its own scratchpad
+    (oneDNN's shared default crashed the process here at MesoInception-4's sizes)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 96, 96, 4), np.float32)
+    kernel = rng.standard_normal((3, 3, 4, 4), np.float32)
+    loss = lambda x, kernel: jnp.sum(jnp.sin(onednn.conv2d_same(x, kernel, 2)))  # noqa: E731
+    grads = jax.jit(jax.grad(loss, (0, 1)))
+    first = grads(x, kernel)
+    for _ in range(20):
+        again = grads(x, kernel)
+    np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(first[1]))
+
+
+@pytest.mark.parametrize("call", [
+    dict(window_strides=(2, 2), padding="SAME"),
+    dict(window_strides=(1, 1), padding="VALID"),
+    dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2)),
+    dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(1, 2)),
+])
+def test_calls_it_does_not_compute_go_to_xla(backend, call):
+    x = np.ones((1, 8, 8, 2), np.float32)
+    kernel = np.ones((3, 3, 2, 2), np.float32)
+    fn = lambda x, kernel: onednn.conv_general_dilated(x, kernel, dimension_numbers=_DIMENSIONS, **call)  # noqa
+    with onednn.forced(True):
+        text = jax.jit(fn).lower(x, kernel).as_text()
+    assert "custom_call" not in text and "convolution" in text
+    np.testing.assert_array_equal(np.asarray(jax.jit(fn)(x, kernel)),
+                                  np.asarray(jax.lax.conv_general_dilated(x, kernel, dimension_numbers=_DIMENSIONS,
+                                                                          **call)))
+
+
+@pytest.mark.parametrize("model_name", ["meso4", "mesoinception4"])
+def test_models_give_the_same_logits_and_gradients_with_either_backend(backend, model_name):
+    spec = models.get_model(model_name)
+    variables = random_model_variables(3, model_name=model_name)
+    images = np.random.default_rng(1).random((2, *spec.input_shape), np.float32)
+
+    def logits_and_grads(params, images):
+        def loss(params):
+            logits, _ = spec.module.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                                          train=True, mutable=["batch_stats"],
+                                          rngs={"dropout": jax.random.key(0)})
+            return jnp.sum(logits), logits
+        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return logits, grads, spec.module.apply({**variables, "params": params}, images, train=False)
+
+    ours = _compiled(logits_and_grads, True, variables["params"], images)
+    assert "custom_call" in ours.as_text()
+    got = ours(variables["params"], images)
+    want = _compiled(logits_and_grads, False, variables["params"], images)(variables["params"], images)
+    for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        scale = float(np.max(np.abs(want_leaf))) + 1e-6
+        assert float(np.max(np.abs(np.asarray(got_leaf) - np.asarray(want_leaf)))) <= 2e-5 * scale
+
+
+def test_a_failed_build_is_a_one_line_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(onednn.BackendUnavailable, match="building onednn_conv.cc failed") as raised:
+        onednn._build(tmp_path / "lib" / "libmeso_onednn.so", tmp_path, tmp_path)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "lib" / "libmeso_onednn.so").exists()
+
+
+def test_a_missing_library_package_is_named():
+    with pytest.raises(onednn.BackendUnavailable, match="no-such-onednn-package package is not installed"):
+        onednn._distribution_file("no-such-onednn-package", "lib/libdnnl.so")
