@@ -124,11 +124,14 @@ def flax_contenders(variables: dict, batches: list[int], train_batch: int):
         return step
 
     # flax_plain: the Flax module as is; jax_fused: its first block trained with meso_jax.fast_training
-    # (what train.py uses on CPU); "_onednn": the same with oneDNN's convolutions (the default on CPU).
+    # (what train.py uses on CPU without oneDNN); jax_fused_all: all four blocks (what it uses with
+    # oneDNN); "_onednn": with oneDNN's convolutions (the default on CPU where the backend builds).
     train = {}
     for suffix, use_onednn in backends.items():
         train[f"flax_plain{suffix}"] = make_train(module, use_onednn)
         train[f"jax_fused{suffix}"] = make_train(module.clone(fused_first_block=True), use_onednn)
+        train[f"jax_fused_all{suffix}"] = make_train(module.clone(fused_first_block=True, fused_later_blocks=True),
+                                                     use_onednn)
     return infer, train
 
 

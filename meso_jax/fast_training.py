@@ -6,18 +6,20 @@ computes the same block (BatchNorm on batch statistics, as in training) in two p
 
 * Forward, pool-phase decomposition (shared with fast_inference): for each pooling phase (dy, dx) the
   conv outputs at rows p*i + dy, columns p*j + dx are one fused sum of k*k*Cin stride-p slices of the
-  padded input times weight vectors. BatchNorm's per-channel affine map y = (a - mean) * s + offset
-  is monotone, so the max over a window of y comes from the window's max of a = relu(z) (s >= 0) or
-  its min (s < 0): the normalisation is applied once, after pooling.
+  padded input times weight vectors (``phased_conv``, for a first layer), or strided slices of one
+  convolution's output (for the later blocks). BatchNorm's per-channel affine map
+  y = (a - mean) * s + offset is monotone, so the max over a window of y comes from the window's max
+  of a = relu(z) (s >= 0) or its min (s < 0): the normalisation is applied once, after pooling.
 * Backward, written out: BatchNorm's gradient in closed form (every pooled output selects exactly one
   position of its window), the ReLU mask, then the weight (and input) gradients of the convolution
-  from XLA's own transposed convolutions on the re-interleaved full-resolution gradient. The input
-  gradient is dead code for a first layer and XLA removes it.
+  (oneDNN's where available, see meso_jax.onednn, else XLA's) on the re-interleaved full-resolution
+  gradient. The input gradient is dead code for a first layer and XLA removes it.
 
 Results equal the Flax ConvBlock's (models.ConvBlock) in float32; in tests against a float64
 reference the fused gradients are the more accurate of the two. Measured in
-benchmarks/model_throughput.py ("training" rows); used by train.py on CPU for Meso-4
-(``MESO_JAX_FAST_TRAINING=0`` turns it off).
+benchmarks/model_throughput.py ("training" rows); used by train.py on CPU for Meso-4's first block,
+and for its later blocks too where oneDNN computes the convolutions (``MESO_JAX_FAST_TRAINING=0``
+turns it off).
 """
 
 from __future__ import annotations
@@ -71,9 +73,19 @@ def _conv(x_bhwc: jax.Array, kernel: jax.Array) -> jax.Array:
     return onednn.conv_general_dilated(x_bhwc, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMENSIONS)
 
 
-def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon):
+def _pool_phases(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, pool: int,
+                 phased_conv: bool) -> list[jax.Array]:
+    """conv(SAME) + bias split by max-pool phase (as pool_phase_conv), computed phase by phase from the
+    input (``phased_conv``: best for few input channels) or as one convolution sliced by phase."""
+    if phased_conv:
+        return pool_phase_conv(x_bhwc, kernel, bias, pool)
+    z = _conv(x_bhwc, kernel) + bias
+    return [z[:, dy::pool, dx::pool, :] for dy in range(pool) for dx in range(pool)]
+
+
+def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv):
     batch, height, width, _ = x_bhwc.shape
-    phases = pool_phase_conv(x_bhwc, kernel, bias, pool)
+    phases = _pool_phases(x_bhwc, kernel, bias, pool, phased_conv)
     count = batch * height * width
     # Batch statistics of relu(z) over all positions, as flax.linen.BatchNorm computes them.
     mean = sum(jnp.sum(jax.nn.relu(z), axis=(0, 1, 2)) for z in phases) / count
@@ -88,8 +100,8 @@ def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon):
     return (pooled, mean, var), (x_bhwc, kernel, phases, selected, mean, inv_std, scale)
 
 
-def _backward(pool, epsilon, residuals, cotangents):
-    del epsilon
+def _backward(pool, epsilon, phased_conv, residuals, cotangents):
+    del epsilon, phased_conv
     x_bhwc, kernel, phases, selected, mean, inv_std, scale = residuals
     grad_pooled = cotangents[0]  # the statistics outputs are returned under stop_gradient
     batch, height, width, _ = x_bhwc.shape
@@ -116,9 +128,9 @@ def _backward(pool, epsilon, residuals, cotangents):
     return grad_x, grad_kernel, grad_bias, grad_scale, grad_offset
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon):
-    return _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv):
+    return _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv)[0]
 
 
 _fused_block.defvjp(_forward, _backward)
@@ -132,15 +144,16 @@ def supports(input_shape: tuple[int, ...], kernel_size: int, pool: int) -> bool:
 
 
 def conv_relu_bn_pool_train(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array,
-                            offset: jax.Array, pool: int, epsilon: float
+                            offset: jax.Array, pool: int, epsilon: float, phased_conv: bool = True
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode block: max_pool(BatchNorm(relu(conv(x) + bias))) with batch statistics.
 
     kernel (k, k, Cin, Cout) with k odd, SAME padding; BatchNorm ``scale``/``offset`` (Cout,);
-    H and W divisible by ``pool``. Returns (pooled (B, H/pool, W/pool, Cout), batch mean, batch
+    H and W divisible by ``pool``. ``phased_conv``: compute the convolution per pooling phase from the
+    input (fast for few input channels) instead of as one convolution. Returns (pooled (B, H/pool, W/pool, Cout), batch mean, batch
     variance (biased) of the ReLU outputs); the statistics carry no gradient.
     """
-    pooled, mean, var = _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon)
+    pooled, mean, var = _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv)
     return pooled, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 

@@ -47,13 +47,15 @@ class ConvBlock(nn.Module):
     """conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool, as in MesoNet.
 
     fused_training: in training mode, compute the block with fast_training's fused op (same variables,
-    same results, faster on CPU for few input channels at high resolution).
+    same results, its own gradient; faster on CPU). phased_conv: the fused op computes the convolution
+    per pooling phase from the input (few input channels, e.g. RGB) rather than as one convolution.
     """
 
     features: int
     kernel_size: int
     pool: int
     fused_training: bool = False
+    phased_conv: bool = True
 
     @nn.compact
     def __call__(self, images_bhwc: jax.Array, train: bool) -> jax.Array:
@@ -69,7 +71,8 @@ class ConvBlock(nn.Module):
         own, updating the running statistics as flax.linen.BatchNorm does."""
         conv, norm = self.variables["params"]["Conv_0"], self.variables["params"]["BatchNorm_0"]
         pooled, batch_mean, batch_var = fast_training.conv_relu_bn_pool_train(
-            images_bhwc, conv["kernel"], conv["bias"], norm["scale"], norm["bias"], self.pool, KERAS_BN_EPSILON)
+            images_bhwc, conv["kernel"], conv["bias"], norm["scale"], norm["bias"], self.pool, KERAS_BN_EPSILON,
+            self.phased_conv)
         if self.is_mutable_collection("batch_stats"):
             running = self.variables["batch_stats"]["BatchNorm_0"]
             self.put_variable("batch_stats", "BatchNorm_0", {
@@ -99,17 +102,20 @@ class Meso4(nn.Module):
     """Meso-4 (Afchar et al., WIFS 2018): 27,977 trainable parameters at 256x256x3.
 
     fused_first_block: train the first block (3 -> 8 channels at full resolution, most of a CPU
-    training step) with fast_training's fused op; variables and results are the same.
+    training step) with fast_training's fused op; fused_later_blocks: blocks 2-4 too (over one
+    convolution each: pays off where oneDNN computes the convolutions). Variables and results are
+    the same either way.
     """
 
     fused_first_block: bool = False
+    fused_later_blocks: bool = False
 
     @nn.compact
     def __call__(self, images_bhwc: jax.Array, train: bool = False) -> jax.Array:
         x = ConvBlock(8, 3, 2, fused_training=self.fused_first_block)(images_bhwc, train)
-        x = ConvBlock(8, 5, 2)(x, train)
-        x = ConvBlock(16, 5, 2)(x, train)
-        x = ConvBlock(16, 5, 4)(x, train)
+        for features, kernel_size, pool in ((8, 5, 2), (16, 5, 2), (16, 5, 4)):
+            x = ConvBlock(features, kernel_size, pool, fused_training=self.fused_later_blocks,
+                          phased_conv=False)(x, train)
         return ClassifierHead()(x, train)
 
 

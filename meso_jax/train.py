@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.preprocessing import as_model_input
-from meso_jax import checkpoints, fast_training, keras_import, metrics, models
+from meso_jax import checkpoints, fast_training, keras_import, metrics, models, onednn
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
 INPUT_PIPELINES = ("tfdata", "memory")
@@ -125,10 +125,11 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 
 def training_module(spec: models.ModelSpec) -> nn.Module:
-    """The module train steps apply: Meso-4 with its fused first block where fast_training is enabled
-    (same variables and results as ``spec.module``)."""
+    """The module train steps apply: Meso-4 with its fused first block where fast_training is enabled,
+    and fused later blocks where oneDNN computes the convolutions too (same variables and results as
+    ``spec.module``)."""
     if isinstance(spec.module, models.Meso4) and fast_training.enabled():
-        return spec.module.clone(fused_first_block=True)
+        return spec.module.clone(fused_first_block=True, fused_later_blocks=onednn.enabled())
     return spec.module
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meso_jax import fast_training, models, train
+from meso_jax import fast_training, models, onednn, train
 
 EPSILON = models.KERAS_BN_EPSILON
 
@@ -34,8 +34,10 @@ def _random_block(rng, batch, size, kernel_size, in_channels, out_channels, pool
     return (x, kernel, bias, scale, offset), upstream
 
 
-@pytest.mark.parametrize("kernel_size,in_channels,out_channels,pool", [(3, 3, 8, 2), (5, 8, 8, 2), (3, 2, 4, 4)])
-def test_fused_block_matches_a_float64_reference_in_value_and_gradient(kernel_size, in_channels, out_channels, pool):
+@pytest.mark.parametrize("kernel_size,in_channels,out_channels,pool,phased_conv", [
+    (3, 3, 8, 2, True), (5, 8, 8, 2, True), (3, 2, 4, 4, True), (5, 8, 16, 4, False)])
+def test_fused_block_matches_a_float64_reference_in_value_and_gradient(kernel_size, in_channels, out_channels, pool,
+                                                                      phased_conv):
     inputs, upstream = _random_block(np.random.default_rng(kernel_size * 10 + pool), 3, 32, kernel_size,
                                      in_channels, out_channels, pool)
 
@@ -43,7 +45,7 @@ def test_fused_block_matches_a_float64_reference_in_value_and_gradient(kernel_si
         pooled, _, _ = block(*arrays, pool)
         return jnp.sum(pooled * arrays[0].dtype.type(1) * upstream.astype(arrays[0].dtype))
 
-    fused = lambda *a: fast_training.conv_relu_bn_pool_train(*a, EPSILON)  # noqa: E731
+    fused = lambda *a: fast_training.conv_relu_bn_pool_train(*a, EPSILON, phased_conv)  # noqa: E731
     outputs = jax.jit(fused, static_argnums=5)(*inputs, pool)
     grads = jax.jit(jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2, 3, 4)))(*inputs)
     with jax.enable_x64(True):
@@ -59,7 +61,7 @@ def test_fused_block_matches_a_float64_reference_in_value_and_gradient(kernel_si
         assert np.max(np.abs(np.asarray(got) - want)) / scale_of < 1e-4, name
 
 
-def test_meso4_fused_first_block_trains_like_the_flax_module():
+def test_meso4_fused_blocks_train_like_the_flax_module():
     """Same logits (dropout on), running statistics and parameter gradients as the plain module."""
     spec = models.get_model("meso4")
     variables = models.init_variables(spec, seed=3)
@@ -75,22 +77,26 @@ def test_meso4_fused_first_block_trains_like_the_flax_module():
         return logits, updates["batch_stats"], grads
 
     plain = run(spec.module)
-    fused = run(spec.module.clone(fused_first_block=True))
-    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-4, atol=1e-4)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), fused[1], plain[1])
-    plain_grads = jax.tree_util.tree_leaves_with_path(plain[2])
-    for (path, want), got in zip(plain_grads, jax.tree_util.tree_leaves(fused[2])):
-        error = np.max(np.abs(np.asarray(got) - np.asarray(want))) / (np.max(np.abs(np.asarray(want))) + 1e-6)
-        assert error < 2e-3, (jax.tree_util.keystr(path), error)
-    # Inference is untouched by the flag.
-    np.testing.assert_array_equal(
-        spec.module.clone(fused_first_block=True).apply(variables, images[:1], train=False),
-        spec.module.apply(variables, images[:1], train=False))
+    for module in (spec.module.clone(fused_first_block=True),
+                   spec.module.clone(fused_first_block=True, fused_later_blocks=True)):
+        fused = run(module)
+        np.testing.assert_allclose(fused[0], plain[0], rtol=1e-4, atol=1e-4)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), fused[1],
+                               plain[1])
+        plain_grads = jax.tree_util.tree_leaves_with_path(plain[2])
+        for (path, want), got in zip(plain_grads, jax.tree_util.tree_leaves(fused[2])):
+            error = np.max(np.abs(np.asarray(got) - np.asarray(want))) / (np.max(np.abs(np.asarray(want))) + 1e-6)
+            assert error < 2e-3, (jax.tree_util.keystr(path), error)
+        # Inference is untouched by the flags.
+        np.testing.assert_array_equal(module.apply(variables, images[:1], train=False),
+                                      spec.module.apply(variables, images[:1], train=False))
 
 
 def test_training_uses_the_fused_block_on_cpu_unless_turned_off(monkeypatch):
     spec = models.get_model("meso4")
     assert train.training_module(spec).fused_first_block == (jax.default_backend() == "cpu")
+    assert train.training_module(spec).fused_later_blocks == (jax.default_backend() == "cpu" and onednn.enabled())
     monkeypatch.setenv("MESO_JAX_FAST_TRAINING", "0")
     assert not train.training_module(spec).fused_first_block
+    assert not train.training_module(spec).fused_later_blocks
     assert train.training_module(models.get_model("mesoinception4")) is models.get_model("mesoinception4").module
