@@ -2,9 +2,11 @@
 
     python3 benchmarks/scan_end_to_end.py [--images=2048] [--rounds=1] [--output=FILE.json]
 
-* predict_main.py on N face crops (--face_detector=none, Meso4_DF.h5 weights), fast path (default)
-  and plain Flax (MESO_JAX_FAST_INFERENCE=0), vs benchmarks/keras_scanner.py doing the same work
-  with the same decoder in Keras/TensorFlow; runs alternate, and the scores are compared.
+* predict_main.py on N face crops (--face_detector=none, Meso4_DF.h5 weights), fast path (default),
+  the same with XLA's convolutions instead of oneDNN's (MESO_JAX_ONEDNN=0) and plain Flax
+  (MESO_JAX_FAST_INFERENCE=0), vs benchmarks/keras_scanner.py doing the same work with the same
+  decoder in Keras/TensorFlow; with --shipped_models also the two shipped checkpoints, each with
+  oneDNN's and XLA's convolutions. Runs alternate, and the scores are compared.
 * predict_main.py on one image: with cold JAX caches (fresh XDG_CACHE_HOME) and warm (median of 3),
   with the Keras weights and with the shipped checkpoint.
 """
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--single_image", default=str(SHARED / "mesonet" / "test_images" / "real" / "real00240.jpg"))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--skip_plain", action="store_true", help="leave out the plain-Flax predict_main run")
+    parser.add_argument("--shipped_models", action="store_true",
+                        help="also scan with checkpoints/mesoinception4 (the default) and checkpoints/meso4")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     info = common.machine_info()
@@ -70,14 +74,27 @@ def main() -> None:
                f"--keras_weights={args.weights}", "--format=csv", "--progress=false", "--batch_size=32"]
     contenders = {
         "predict_main_fast": (predict + [f"--output={tmp}/fast.csv"], {}, tmp / "fast.csv"),
+        "predict_main_fast_xla_conv": (predict + [f"--output={tmp}/fast_xla.csv"], {"MESO_JAX_ONEDNN": "0"},
+                                       tmp / "fast_xla.csv"),
         "keras_scanner": ([py, "benchmarks/keras_scanner.py", f"--path={args.image_dir}", f"--limit={args.images}",
                            f"--weights={args.weights}", f"--output={tmp}/keras.csv"], {}, tmp / "keras.csv"),
     }
     if not args.skip_plain:
         contenders["predict_main_plain"] = (predict + [f"--output={tmp}/plain.csv"],
                                             {"MESO_JAX_FAST_INFERENCE": "0"}, tmp / "plain.csv")
-    # Warm the persistent JAX compilation cache once (as any second scan of a user would find it).
-    run(predict[:2] + [f"--path={args.single_image}", "--face_detector=none", f"--keras_weights={args.weights}"])
+    shipped = {}  # checkpoint contenders, compared with their own XLA-convolution run
+    if args.shipped_models:
+        for model in ("mesoinception4", "meso4"):
+            cmd = [arg for arg in predict if not arg.startswith("--keras_weights")] + [
+                f"--checkpoint={REPO_ROOT / 'checkpoints' / model}"]
+            for suffix, env in (("", {}), ("_xla_conv", {"MESO_JAX_ONEDNN": "0"})):
+                name = f"shipped_{model}{suffix}"
+                contenders[name] = (cmd + [f"--output={tmp}/{name}.csv"], env, tmp / f"{name}.csv")
+                shipped[name] = f"shipped_{model}_xla_conv"
+    # Warm the persistent JAX compilation caches once (as any second scan of a user would find them).
+    for name, (cmd, env, _) in contenders.items():
+        if name != "keras_scanner":
+            run([arg for arg in cmd if not arg.startswith(("--limit", "--output"))] + ["--limit=32"], env)
     walls: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.rounds):
         for name, (cmd, env, _) in contenders.items():
@@ -85,7 +102,8 @@ def main() -> None:
             print(f"{name}: {walls[name][-1]:.1f} s", flush=True)
     scores = {name: read_scores(str(out)) for name, (_, _, out) in contenders.items()}
     reference = scores.get("predict_main_plain") or scores["keras_scanner"]
-    parity = {name: max((abs(s[p] - reference[p]) for p in s if p in reference), default=float("nan"))
+    parity = {name: max((abs(s[p] - scores[shipped.get(name)][p] if name in shipped else s[p] - reference[p])
+                         for p in s if p in reference), default=float("nan"))
               for name, s in scores.items()}
     single = [py, "predict_main.py", f"--path={args.single_image}", "--face_detector=none",
               f"--keras_weights={args.weights}"]
