@@ -4,8 +4,9 @@
 
 For each of the four "conv (SAME) + bias -> ReLU -> BatchNorm -> max-pool" blocks at its Meso-4
 shape, times (interleaved, one process) the pool-phase formulation of fast_inference, XLA's
-convolution + reduce_window, and the same block in TensorFlow (oneDNN on unless
-TF_ENABLE_ONEDNN_OPTS=0 is set), and reports ms per batch and GFLOP/s of the convolution.
+convolution + reduce_window, the same with oneDNN's convolution (meso_jax.onednn, when it builds
+here), and the block in TensorFlow (oneDNN on unless TF_ENABLE_ONEDNN_OPTS=0 is set), and reports
+ms per batch and GFLOP/s of the convolution.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels
     import jax
     import tensorflow as tf
 
-    from meso_jax import fast_inference
+    from meso_jax import fast_inference, onednn
 
     rng = np.random.default_rng(size)
     images = rng.random((batch, size, size, in_channels), dtype=np.float32)
@@ -43,7 +44,13 @@ def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels
     bias, scale, shift = (rng.standard_normal(out_channels).astype(np.float32) for _ in range(3))
     images_jax = jax.device_put(images)
     phased = jax.jit(lambda x: fast_inference._phased_block(x, kernel, bias, scale, shift, pool))
-    xla_conv = jax.jit(lambda x: fast_inference._conv_block(x, kernel, bias, scale, shift, pool))
+
+    def conv_block(use_onednn: bool):
+        with onednn.forced(use_onednn):  # compiled now, from a fresh function (JAX reuses traces)
+            return jax.jit(lambda x: fast_inference._conv_block(x, kernel, bias, scale, shift, pool)).lower(
+                images_jax).compile()
+
+    xla_conv = conv_block(False)
     images_tf = tf.constant(images)
 
     @tf.function
@@ -54,8 +61,13 @@ def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels
     contenders = {"jax_phased": lambda: phased(images_jax).block_until_ready(),
                   "jax_xla_conv": lambda: xla_conv(images_jax).block_until_ready(),
                   "tf": lambda: tf_block(images_tf).numpy()}
+    checks = {"jax_phased": np.asarray(phased(images_jax)), "tf": tf_block(images_tf).numpy()}
+    if onednn.available():
+        onednn_conv = conv_block(True)
+        contenders["jax_onednn_conv"] = lambda: onednn_conv(images_jax).block_until_ready()
+        checks["jax_onednn_conv"] = np.asarray(onednn_conv(images_jax))
     reference = np.asarray(xla_conv(images_jax))
-    for name, check in (("jax_phased", np.asarray(phased(images_jax))), ("tf", tf_block(images_tf).numpy())):
+    for name, check in checks.items():
         if not np.allclose(check, reference, atol=1e-3):
             raise AssertionError(f"{name} disagrees with XLA's convolution on block {size}x{size}")
     return contenders

@@ -10,7 +10,7 @@ FFI headers, and kept under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/onednn.
 
 Optional: when the library or a C++ compiler is missing, or the build fails, a one-line message says
 why and XLA's convolution is used (same results to float32 rounding). ``MESO_JAX_ONEDNN=0`` turns it
-off. Only the CPU backend uses it.
+off. Only a single CPU device uses it.
 """
 
 from __future__ import annotations
@@ -115,9 +115,11 @@ _forced: bool | None = None
 
 
 def enabled() -> bool:
-    """Whether convolutions traced now go through oneDNN: on the CPU backend when ``available()``,
-    unless MESO_JAX_ONEDNN=0 (or as ``forced`` says)."""
-    if jax.default_backend() != "cpu":
+    """Whether convolutions traced now go through oneDNN: on the CPU backend with one device when
+    ``available()``, unless MESO_JAX_ONEDNN=0 (or as ``forced`` says). With several devices XLA would
+    gather a sharded batch onto every device before the call (it cannot split a custom call), so
+    XLA's convolution is used there."""
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
         return False
     if _forced is not None:
         return _forced and available()
