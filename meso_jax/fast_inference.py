@@ -1,8 +1,9 @@
 """A faster, inference-only Meso-4 forward pass for CPUs (same numbers as the Flax module).
 
-On CPU, XLA's convolutions with few channels (Meso-4 has 3 -> 8 -> 8 -> 16 -> 16) are slow: the
-first layer (3 input channels at 256x256) alone takes ~6x as long as oneDNN's. This module computes
-the first "conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool p" block without a convolution op:
+On CPU, convolutions with few channels (Meso-4 has 3 -> 8 -> 8 -> 16 -> 16) are slow: the first
+layer (3 input channels at 256x256) takes 8x as long with XLA's convolution and 3.7x with oneDNN's as
+the formulation here. This module computes the first "conv (SAME, bias) -> ReLU -> BatchNorm ->
+max-pool p" block without a convolution op:
 
 * Pool-phase decomposition. The p x p max-pool (stride p) reads every conv output exactly once,
   so for each pooling phase (dy, dx) the conv outputs at rows p*i + dy and columns p*j + dx are
@@ -14,9 +15,9 @@ the first "conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool p" block without a
   max over phases of it equals ``relu(m) * s + t`` where m is the max (s >= 0) or min (s < 0) of
   the raw conv outputs over the phases: the BatchNorm is applied once, after pooling.
 
-The later blocks (8-16 channels) keep XLA's convolution: phasing blocks 1-3 gave the same
-throughput on a 2-core Zen 3 (benchmarks/layer_breakdown.py: XLA's conv is faster than the phased
-sum there) but a 15x larger program, 1 s more tracing and 4 s more compiling at start-up. The result
+The later blocks (8-16 channels) use a convolution (oneDNN's where meso_jax.onednn is on, else
+XLA's), both faster than the phased sum there (benchmarks/layer_breakdown.py); phasing blocks 1-3
+also made a 15x larger program, 1 s more tracing and 4 s more compiling at start-up. The result
 equals ``models.get_model("meso4").module.apply(variables, x, train=False)`` to float32 rounding
 (sums in a different order; |difference| ~1e-6 on logits). Inference only: the autodiff of this
 formulation is slow; training uses fast_training's fused block, which has its own gradient.
@@ -36,7 +37,7 @@ from meso_jax import fast_training, models, onednn
 
 # Max-pool size of each Meso-4 block; kernel sizes and channels come from the variables.
 MESO4_POOLS = (2, 2, 2, 4)
-# Blocks computed with the phased formulation (the first); the rest use lax.conv.
+# Blocks computed with the phased formulation (the first); the rest use a convolution.
 PHASED_BLOCKS = 1
 
 
@@ -64,7 +65,7 @@ def _phased_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.A
 
 def _conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,
                 pool: int) -> jax.Array:
-    """The same block with XLA's convolution and reduce_window (for the small late layers)."""
+    """The same block with a convolution (oneDNN's or XLA's) and reduce_window (for the later layers)."""
     z = onednn.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
     window = (1, pool, pool, 1)
     pooled_max = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, window, window, "VALID")
