@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from meso_jax.user_cache import cache_root
+
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _LIBRARY_DISTRIBUTION, _HEADERS_DISTRIBUTION = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS = (
@@ -41,11 +43,6 @@ _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 class BackendUnavailable(Exception):
     """The oneDNN backend cannot be built or loaded here (one-line reason)."""
-
-
-def cache_root() -> Path:
-    """$XDG_CACHE_HOME (or ~/.cache)/meso_jax: where compiled programs and the built library are kept."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meso_jax"
 
 
 def _distribution_file(distribution: str, suffix: str) -> Path:
@@ -196,4 +193,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **arguments)
 
 
-__all__ = ["BackendUnavailable", "available", "cache_root", "conv2d_same", "conv_general_dilated", "enabled", "forced"]
+__all__ = ["BackendUnavailable", "available", "conv2d_same", "conv_general_dilated", "enabled", "forced"]

@@ -15,6 +15,7 @@ import numpy as np
 
 from data_pipelines.preprocessing import Preprocessing, as_model_input
 from meso_jax import checkpoints, fast_inference, models
+from meso_jax.user_cache import cache_root
 
 AGGREGATIONS = ("mean", "vote")
 
@@ -23,17 +24,12 @@ class ModelSourceError(Exception):
     """No usable model at the place the user named (one-line message)."""
 
 
-def _cache_root() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                        "meso_jax")
-
-
 def enable_compilation_cache() -> str:
     """Turns on JAX's persistent compilation cache under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/jax.
 
     Returns the cache directory. Entry scripts call this once so a repeat scan skips the XLA compile.
     """
-    cache_dir = os.path.join(_cache_root(), "jax")
+    cache_dir = str(cache_root() / "jax")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return cache_dir
