@@ -16,10 +16,14 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 @pytest.fixture(scope="module")
 def backend() -> None:
-    """Skips when the backend is not built here (CI installs it from requirements.txt on Linux x86-64)."""
-    if jax.default_backend() != "cpu" or not onednn.available():
-        pytest.skip("the oneDNN backend is unavailable here (needs the onednn-cpu-gomp wheels, a C++ compiler "
-                    "and the CPU backend); XLA's convolution is used instead")
+    """Skips, saying why, when the backend cannot be used here (CI installs it from requirements.txt on
+    Linux x86-64)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the oneDNN backend is for the CPU backend only")
+    try:
+        onednn._load()  # pylint: disable=protected-access  (for the reason; available() only logs it)
+    except onednn.BackendUnavailable as reason:
+        pytest.skip(f"the oneDNN backend is unavailable here ({reason}); XLA's convolution is used instead")
 
 
 def _compiled(fn, use_onednn: bool, *args):
