@@ -150,8 +150,9 @@ def conv_relu_bn_pool_train(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Arra
 
     kernel (k, k, Cin, Cout) with k odd, SAME padding; BatchNorm ``scale``/``offset`` (Cout,);
     H and W divisible by ``pool``. ``phased_conv``: compute the convolution per pooling phase from the
-    input (fast for few input channels) instead of as one convolution. Returns (pooled (B, H/pool, W/pool, Cout), batch mean, batch
-    variance (biased) of the ReLU outputs); the statistics carry no gradient.
+    input (fast for few input channels) instead of as one convolution. Returns (pooled (B, H/pool,
+    W/pool, Cout), batch mean, batch variance (biased) of the ReLU outputs); the statistics carry no
+    gradient.
     """
     pooled, mean, var = _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv)
     return pooled, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
