@@ -1,5 +1,5 @@
-// oneDNN 2-D convolutions for XLA:CPU as FFI custom calls: stride 1, SAME padding, any dilation, no bias, float32,
-// NHWC activations and HWIO kernels used in place in XLA's row-major buffers. Three calls: the forward
+// oneDNN 2-D convolutions for XLA:CPU as FFI custom calls: stride 1, SAME padding, any dilation, no bias,
+// float32, NHWC activations and HWIO kernels used in place in XLA's row-major buffers. Three calls: the forward
 // convolution, its gradient to the input (backward data) and to the kernel (backward weights).
 // Built on first use by meso_jax/onednn.py, which also registers the calls with JAX.
 //
@@ -11,8 +11,8 @@
 #include <cstdint>
 #include <exception>
 #include <map>
-#include <stdexcept>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -178,11 +178,13 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> grad_y
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvForward, Forward,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("dilation"));
+// All three: two float32 buffers in, one out, and the "dilation" attribute.
+#define MESO_ONEDNN_BINDING \
+  ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>() \
+      .Attr<int64_t>("dilation")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvBackwardData, BackwardData,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("dilation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvForward, Forward, MESO_ONEDNN_BINDING);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("dilation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvBackwardData, BackwardData, MESO_ONEDNN_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvBackwardWeights, BackwardWeights, MESO_ONEDNN_BINDING);
