@@ -8,7 +8,6 @@ metrics.jsonl and TensorBoard events go to --workdir; running the same command a
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
@@ -59,14 +58,6 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
 
 
-def _enable_compilation_cache(jax) -> None:
-    """JAX's persistent compilation cache, in the same place as predict_main's
-    (meso_jax.scoring.enable_compilation_cache): a resumed or repeated run skips the XLA compile."""
-    cache_root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root, "meso_jax", "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
@@ -74,12 +65,14 @@ def main(argv: list[str]) -> int:
     if not exporting_only and not (FLAGS.data_dir and FLAGS.workdir):
         raise app.UsageError("--data_dir and --workdir are required to train", exitcode=2)
 
-    import jax  # after flag parsing, so --help stays fast
-    from meso_jax import checkpoints, train
+    from meso_jax import host_memory
+    host_memory.reuse_freed_memory()  # before the first large allocation
+    # After flag parsing, so --help stays fast.
+    from meso_jax import checkpoints, scoring, train
     from meso_jax.keras_import import KerasWeightsError
     from data_pipelines.preprocessing import MediaError, Preprocessing
 
-    _enable_compilation_cache(jax)
+    scoring.enable_compilation_cache()  # a resumed or repeated run skips the XLA compile
 
     train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:

@@ -1,7 +1,8 @@
 """Meso-4 throughput on this machine: plain Flax vs the fast inference path vs Keras/TensorFlow vs
 PyTorch (when installed: channels-last, its own CPU kernels), inference at several batch sizes and
 one training step. Our contenders run with XLA's convolutions and, suffixed "_onednn", with
-meso_jax.onednn's (the default on CPU where that backend builds).
+meso_jax.onednn's (the default on CPU where that backend builds). The process uses
+meso_jax.host_memory's malloc settings, as the entry scripts do (--malloc_defaults: glibc's).
 
     python3 benchmarks/model_throughput.py [--output=FILE.json] [--rounds=3] [--seconds=1.5]
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from meso_jax import host_memory  # noqa: E402
 
 IMAGE = 256
 # 2 * H * W * k * k * Cin * Cout for the four convolutions, plus the two dense layers.
@@ -287,6 +289,9 @@ def main() -> None:
     parser.add_argument("--weights", default=str(REPO_ROOT.parent / "shared" / "mesonet" / "Meso4_DF.h5"),
                         help="Meso-4 Keras .h5 weights (random variables when missing)")
     parser.add_argument("--skip_training", action="store_true")
+    parser.add_argument("--malloc_defaults", action="store_true",
+                        help="keep glibc's malloc defaults instead of meso_jax.host_memory's settings, which the "
+                             "entry scripts apply (they apply to the whole process, Keras included)")
     parser.add_argument("--host_devices", type=int, default=1,
                         help="split XLA:CPU into N devices and add a fast-path contender sharding the batch")
     args = parser.parse_args()
@@ -295,7 +300,9 @@ def main() -> None:
                                    f" --xla_force_host_platform_device_count={args.host_devices}")
     batches = [int(b) for b in args.batches.split(",")]
     started = time.perf_counter()
+    reuses_freed_memory = not args.malloc_defaults and host_memory.reuse_freed_memory()
     info = common.machine_info()
+    info["reuse_freed_memory"] = reuses_freed_memory
     info["busy_processes_at_start"] = common.other_busy_processes()
 
     import jax

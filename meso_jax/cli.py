@@ -11,6 +11,8 @@ from typing import Callable
 
 from absl import flags, logging
 
+from meso_jax import host_memory
+
 
 class UsageError(Exception):
     """A mistake in the command line; reported in one line with exit status 2."""
@@ -83,6 +85,7 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
 
 def run_entry(program: str, run: Callable[[list[str]], int], argv: list[str]) -> None:
     """Runs ``run(argv)`` and exits with its status: usage errors 2, Ctrl-C 130, one line each."""
+    host_memory.reuse_freed_memory()
     logging.set_verbosity(logging.WARNING)
     # OpenCV and FFmpeg would print their own warnings about broken files; the records say it in one line.
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
