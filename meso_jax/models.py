@@ -9,6 +9,7 @@ same outputs here as in Keras.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -240,12 +241,18 @@ def init_variables(spec: ModelSpec, seed: int, kernel_init: str = "flax") -> dic
     """
     if kernel_init not in KERNEL_INITS:
         raise ValueError(f"unknown kernel_init {kernel_init!r}; choose one of {', '.join(KERNEL_INITS)}")
-    dummy_input = jnp.zeros((1, *spec.input_shape), jnp.float32)
-    variables = jax.jit(lambda key: spec.module.init(key, dummy_input, train=False))(jax.random.key(seed))
+    variables = _compiled_init(spec)(jax.random.key(seed))
     params = variables["params"]
     if kernel_init == "keras":
         params = _glorot_uniform_kernels(params, jax.random.key(seed))
     return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+@functools.cache
+def _compiled_init(spec: ModelSpec):
+    """``key -> variables`` for ``spec``, jitted once per model (XLA takes seconds to compile it)."""
+    dummy_input = jnp.zeros((1, *spec.input_shape), jnp.float32)
+    return jax.jit(lambda key: spec.module.init(key, dummy_input, train=False))
 
 
 def _glorot_uniform_kernels(params, key: jax.Array):

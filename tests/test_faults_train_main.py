@@ -204,7 +204,10 @@ def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_there(tmp_path
 def _main_in_process(monkeypatch, *args: str) -> int:
     """train_main.main in this process (its modules are already imported here: fast); flags reset first."""
     import train_main
-    monkeypatch.setattr(train_main, "_enable_compilation_cache", lambda jax: None)  # keep this process's config
+    from meso_jax import host_memory, scoring
+    # Keep this process's configuration (compilation cache, malloc settings).
+    monkeypatch.setattr(scoring, "enable_compilation_cache", lambda: None)
+    monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: False)
     train_main.FLAGS.unparse_flags()
     remaining = train_main.FLAGS(["train_main.py", *args])
     try:
