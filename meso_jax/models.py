@@ -250,9 +250,9 @@ def init_variables(spec: ModelSpec, seed: int, kernel_init: str = "flax") -> dic
 
 @functools.cache
 def _compiled_init(spec: ModelSpec):
-    """``key -> variables`` for ``spec``, jitted once per model (XLA takes seconds to compile it)."""
-    dummy_input = jnp.zeros((1, *spec.input_shape), jnp.float32)
-    return jax.jit(lambda key: spec.module.init(key, dummy_input, train=False))
+    """``key -> variables`` for ``spec``, jitted once per model (XLA takes seconds to compile it). The
+    dummy input is made inside, so a call under another trace (e.g. jax.eval_shape) captures no tracer."""
+    return jax.jit(lambda key: spec.module.init(key, jnp.zeros((1, *spec.input_shape), jnp.float32), train=False))
 
 
 def _glorot_uniform_kernels(params, key: jax.Array):
