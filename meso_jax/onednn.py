@@ -21,8 +21,10 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -99,11 +101,14 @@ def _load() -> None:
 
 @functools.cache
 def available() -> bool:
-    """Whether the library builds and loads here (tried once; logs the reason when it does not)."""
+    """Whether the library builds and loads here (tried once; logs the reason when it does not: a
+    warning on Linux x86-64, where requirements.txt installs oneDNN, else at info level)."""
     try:
         _load()
     except BackendUnavailable as reason:
-        logging.warning("oneDNN convolutions unavailable (%s); using XLA's, which is slower on a CPU", reason)
+        supported = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+        logging.log(logging.WARNING if supported else logging.INFO,
+                    "oneDNN convolutions unavailable (%s); using XLA's, which is slower on a CPU", reason)
         return False
     return True
 
