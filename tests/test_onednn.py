@@ -129,3 +129,24 @@ def test_a_failed_build_is_a_one_line_reason(tmp_path, monkeypatch):
 def test_a_missing_library_package_is_named():
     with pytest.raises(onednn.BackendUnavailable, match="no-such-onednn-package package is not installed"):
         onednn._distribution_file("no-such-onednn-package", "lib/libdnnl.so")
+
+
+def test_without_the_backend_convolutions_go_to_xla_with_one_warning(monkeypatch, caplog):
+    def unavailable():
+        raise onednn.BackendUnavailable("the onednn-cpu-gomp package is not installed")
+
+    monkeypatch.setattr(onednn, "_load", unavailable)
+    onednn.available.cache_clear()
+    try:
+        x, kernel = np.ones((1, 8, 8, 2), np.float32), np.ones((3, 3, 2, 4), np.float32)
+        conv = lambda x, kernel: onednn.conv_general_dilated(x, kernel, (1, 1), "SAME",  # noqa: E731
+                                                             dimension_numbers=_DIMENSIONS)
+        with caplog.at_level("INFO"):
+            text = jax.jit(conv).lower(x, kernel).as_text()
+            assert not onednn.available() and not onednn.enabled()
+        assert "custom_call" not in text and "convolution" in text
+        messages = [record.getMessage() for record in caplog.records if "oneDNN" in record.getMessage()]
+        assert messages == ["oneDNN convolutions unavailable (the onednn-cpu-gomp package is not installed); "
+                            "using XLA's, which is slower on a CPU"]
+    finally:
+        onednn.available.cache_clear()  # the real backend again for later tests
