@@ -105,3 +105,14 @@ def test_supports_only_meso4_on_suitable_shapes() -> None:
     assert not fast_inference.supports("meso4_video", (24, 256, 256, 3))
     with pytest.raises(ValueError, match="divisible by 64"):
         fast_inference.meso4_forward({}, jnp.zeros((1, 100, 256, 3)))
+
+
+def test_large_cpu_batches_run_in_chunks_with_the_same_logits(monkeypatch) -> None:
+    variables = _random_variables(seed=9)
+    monkeypatch.setattr(fast_inference, "CPU_CHUNK_IMAGES", 2)  # batch 5: two chunks of 2, then 1
+    images = np.asarray(jax.random.uniform(jax.random.key(11), (5, 256, 256, 3)))
+    chunked_hlo = jax.jit(fast_inference.meso4_forward).lower(variables, images).as_text()
+    assert "while" in chunked_hlo  # the lax.map loop over chunks
+    chunked = np.asarray(jax.jit(fast_inference.meso4_forward)(variables, images))
+    one_pass = np.asarray(jax.jit(fast_inference._meso4_forward_one_pass)(variables, images))  # pylint: disable=protected-access
+    np.testing.assert_allclose(chunked, one_pass, atol=1e-6, rtol=0)
