@@ -15,13 +15,20 @@ Box = tuple[int, int, int, int]  # x, y, w, h in frame pixels
 DETECTION_MAX_SIDE = 480
 # A face narrower than this fraction of the frame's shorter side is rejected as implausible.
 MIN_FACE_FRACTION = 0.1
+# Given the previous sampled frame's face, search first for faces at least this fraction of its size,
+# and over all sizes only when there is none. Viola-Jones spends most of its time on the smallest
+# windows, so this finds the largest face in ~0.6x the time. The box is the full search's up to the
+# small candidate windows no longer averaged in: on the 736 sampled dev_videos frames, identical on
+# 678, IoU >= 0.89 on the rest (at 0.8: 0.36x the time, but identical on 130 only, IoU down to 0.59).
+PREVIOUS_FACE_MIN_RATIO = 0.6
 
 
 class FaceDetector(Protocol):
     """Finds the largest plausible face in an RGB frame."""
 
-    def detect(self, frame_rgb: np.ndarray) -> Box | None:
-        """Box of the largest plausible face, or None."""
+    def detect(self, frame_rgb: np.ndarray, previous_box: Box | None = None) -> Box | None:
+        """Box of the largest plausible face, or None. ``previous_box``: the face found in the previous
+        sampled frame of the same video, a hint that may make the search cheaper."""
 
 
 class HaarFaceDetector:
@@ -45,20 +52,28 @@ class HaarFaceDetector:
             cascade = self._local.cascade = cv2.CascadeClassifier(self.cascade_path)
         return cascade
 
-    def detect(self, frame_rgb: np.ndarray) -> Box | None:
-        """Largest face at least MIN_FACE_FRACTION of the frame's shorter side, in full-frame pixels."""
+    def detect(self, frame_rgb: np.ndarray, previous_box: Box | None = None) -> Box | None:
+        """Largest face at least MIN_FACE_FRACTION of the frame's shorter side, in full-frame pixels.
+        With ``previous_box``, faces at least PREVIOUS_FACE_MIN_RATIO of its size are looked for
+        first, and all sizes only when there is none."""
         height, width = frame_rgb.shape[:2]
         scale = min(1.0, DETECTION_MAX_SIDE / max(height, width))
         gray = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY)
         if scale < 1.0:
             gray = cv2.resize(gray, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
         min_side = max(20, round(MIN_FACE_FRACTION * min(gray.shape)))
-        boxes = self._cascade().detectMultiScale(
-            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(min_side, min_side))
-        if len(boxes) == 0:
-            return None
-        x, y, w, h = max(boxes.tolist(), key=lambda b: b[2] * b[3])
-        return (round(x / scale), round(y / scale), round(w / scale), round(h / scale))
+        min_sides = [min_side]
+        if previous_box is not None:
+            previous_min_side = round(PREVIOUS_FACE_MIN_RATIO * max(previous_box[2:]) * scale)
+            if previous_min_side > min_side:
+                min_sides.insert(0, previous_min_side)
+        for side in min_sides:
+            boxes = self._cascade().detectMultiScale(
+                gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(side, side))
+            if len(boxes):
+                x, y, w, h = max(boxes.tolist(), key=lambda b: b[2] * b[3])
+                return (round(x / scale), round(y / scale), round(w / scale), round(h / scale))
+        return None
 
 
 def make_face_detector(name: str) -> FaceDetector | None:
