@@ -6,7 +6,9 @@ channels at ~1 GFLOP/s, weight gradients 2-4x slower than oneDNN's). This module
 convolutions (stride 1, SAME padding, any dilation, float32, NHWC/HWIO) with Intel's oneDNN library
 through XLA's FFI: ``onednn_conv.cc`` is compiled on first use against the oneDNN wheel
 (``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``, in requirements.txt for Linux x86-64) and jaxlib's
-FFI headers, and kept under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/onednn.
+FFI headers, and kept under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/onednn. The same library offers
+``materialize``, a pass-through call that makes XLA compute a value once instead of inside each of
+its consumers.
 
 Optional: when the library or a C++ compiler is missing, or the build fails, a one-line message says
 why and XLA's convolution is used (same results to float32 rounding). ``MESO_JAX_ONEDNN=0`` turns it
@@ -40,6 +42,7 @@ _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _LIBRARY_DISTRIBUTION, _HEADERS_DISTRIBUTION = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS = (
     "MesoOnednnConvForward", "MesoOnednnConvBackwardData", "MesoOnednnConvBackwardWeights")
+_MATERIALIZE = "MesoMaterialize"
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -95,7 +98,7 @@ def _load() -> None:
         handle = ctypes.cdll.LoadLibrary(str(library))
     except OSError as error:
         raise BackendUnavailable(f"loading {library} failed: {error}") from None
-    for target in (_FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS):
+    for target in (_FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS, _MATERIALIZE):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
 
 
@@ -140,6 +143,13 @@ def forced(use_onednn: bool) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+def materialize(x: jax.Array) -> jax.Array:
+    """``x`` unchanged, computed once into memory: XLA cannot fuse its producer into its consumers."""
+    _load()
+    return jax.ffi.ffi_call(_MATERIALIZE, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential",
+                            input_output_aliases={0: 0})(x)
 
 
 def _call(target: str, result_shape: tuple[int, ...], dilation: int, *operands: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@
 // blocked kernel layout the (small) kernel is reordered per call.
 
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <map>
 #include <mutex>
@@ -188,3 +189,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvForward, Forward, MESO_ONEDNN_BINDIN
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvBackwardData, BackwardData, MESO_ONEDNN_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoOnednnConvBackwardWeights, BackwardWeights, MESO_ONEDNN_BINDING);
+
+namespace {
+// Hands its operand on unchanged (the result aliases it): XLA cannot fuse through a custom call, so
+// the operand is computed once into memory and every consumer reads it there.
+ffi::Error Materialize(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  if (x.typed_data() != y->typed_data()) {
+    std::memcpy(y->typed_data(), x.typed_data(), x.element_count() * sizeof(float));
+  }
+  return ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoMaterialize, Materialize,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());

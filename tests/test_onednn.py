@@ -76,6 +76,21 @@ def test_both_gradients_repeatedly_in_one_program(backend):
     np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(first[1]))
 
 
+def test_materialize_passes_values_through_as_an_unfusable_call(backend):
+    x = np.random.default_rng(1).standard_normal((4, 16, 16, 8), np.float32)
+
+    def consumers(materialized: bool):
+        def fn(x):
+            y = jnp.sin(x) * 2.0 + 1.0
+            y = onednn.materialize(y) if materialized else y
+            return jnp.sum(y), jnp.max(y, axis=(1, 2)), y[:, ::2, 1::2] * 3.0
+        return jax.jit(fn)
+
+    for got, want in zip(consumers(True)(x), consumers(False)(x)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert "MesoMaterialize" in consumers(True).lower(x).compile().as_text()
+
+
 @pytest.mark.parametrize("call", [
     dict(window_strides=(2, 2), padding="SAME"),
     dict(window_strides=(1, 1), padding="VALID"),
