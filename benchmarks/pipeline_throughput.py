@@ -9,7 +9,10 @@ pool; host-side scaling to float32 (what extract_samples adds) is timed separate
 comparison decoding every frame), Viola-Jones faces found, crops resized, and Meso-4 (fast path and
 plain Flax) run on the crops, each stage alone; then the whole scan as predict_main does it (samples.extract_face_crops, which overlaps
 face detection with decoding, and the fast path), given as a multiple of real time (clip duration /
-scan seconds).
+scan seconds). Video folder (``--video_dir``, default ../shared/dev_videos): every video's face
+extraction as the scan does it (decode, detection, crops; no model), best of ``--rounds``, with the
+previous-face search (the default) and, alternating with it, with every frame searched over all face
+sizes (``faces.PREVIOUS_FACE_MIN_RATIO`` set to 0).
 """
 
 from __future__ import annotations
@@ -143,11 +146,48 @@ def video_stages(path: str, frames: int, rounds: int) -> dict:
             "x_real_time_plain": duration / (med["scan_fast"] - med["model_fast"] + med["model_plain"])}
 
 
+def video_folder(root: pathlib.Path, frames: int, rounds: int) -> dict:
+    """Face extraction time of every video under ``root``: with the previous-face search and without."""
+    paths = sorted(str(p) for p in root.rglob("*") if preprocessing.media_kind(p) == "video")
+    prep = preprocessing.Preprocessing(frames_per_video=frames)
+    default_ratio = faces.PREVIOUS_FACE_MIN_RATIO
+    settings = {"previous_face": default_ratio, "full_search": 0.0}
+    seconds: dict[str, dict[str, list[float]]] = {name: {p: [] for p in paths} for name in settings}
+    crops: dict[str, dict[str, int]] = {name: {} for name in settings}
+    try:
+        for round_index in range(rounds):
+            order = list(settings) if round_index % 2 == 0 else list(settings)[::-1]
+            for name in order:
+                faces.PREVIOUS_FACE_MIN_RATIO = settings[name]
+                for path in paths:
+                    t0 = time.perf_counter()
+                    crops[name][path] = len(samples.extract_face_crops(path, prep).frame_indices)
+                    seconds[name][path].append(time.perf_counter() - t0)
+    finally:
+        faces.PREVIOUS_FACE_MIN_RATIO = default_ratio
+    videos = []
+    for path in paths:
+        capture = cv2.VideoCapture(path)
+        fps, frame_count = capture.get(cv2.CAP_PROP_FPS), capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        width, height = capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
+        capture.release()
+        videos.append({"video": os.path.relpath(path, root), "width": int(width), "height": int(height),
+                       "duration_s": frame_count / fps if fps else float("nan"),
+                       **{f"{name}_s": min(seconds[name][path]) for name in settings},
+                       **{f"{name}_crops": crops[name][path] for name in settings}})
+    duration = sum(v["duration_s"] for v in videos)
+    totals = {name: sum(v[f"{name}_s"] for v in videos) for name in settings}
+    return {"videos": videos, "total_duration_s": duration, "total_seconds": totals,
+            "x_real_time": {name: duration / t for name, t in totals.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--image_dir", default=str(SHARED / "dfdc_faces" / "val"))
     parser.add_argument("--video", default=str(SHARED / "dev_videos" / "fake" / "dfdc_yhffcuhhjy.mp4"))
+    parser.add_argument("--video_dir", default=str(SHARED / "dev_videos"),
+                        help="videos whose face extraction is timed one by one ('' to skip)")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
@@ -168,6 +208,15 @@ def main() -> None:
         print(f"video {v['width']}x{v['height']} {v['duration_s']:.1f} s, {v['faces_found']}/{v['sampled_frames']} "
               f"faces; frames/s: " + ", ".join(f"{k} {x:.1f}" for k, x in v["frames_per_s"].items()) +
               f"; x real time: fast {v['x_real_time_fast']:.1f}, plain {v['x_real_time_plain']:.1f}", flush=True)
+    if args.video_dir and os.path.isdir(args.video_dir):
+        result["video_folder"] = folder = video_folder(pathlib.Path(args.video_dir), args.frames, args.rounds)
+        print("| video | size | duration s | face extraction s (previous-face search) | x real time | "
+              "s (full search) |\n|---|---|---|---|---|---|")
+        for v in folder["videos"]:
+            print(f"| {v['video']} | {v['width']}x{v['height']} | {v['duration_s']:.1f} | {v['previous_face_s']:.2f} | "
+                  f"{v['duration_s'] / v['previous_face_s']:.1f} | {v['full_search_s']:.2f} |")
+        print("all videos, x real time: " + ", ".join(f"{k} {x:.1f}" for k, x in folder["x_real_time"].items()),
+              flush=True)
     info["load_average_at_end"] = list(os.getloadavg())
     out = common.write_json(args.output or common.default_output("pipeline_throughput"), result)
     print(f"load average start {info['load_average_at_start']} end {info['load_average_at_end']}")
