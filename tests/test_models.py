@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +108,20 @@ def test_shifted_conv_is_flax_conv(dilation: int, backend: str, monkeypatch) -> 
     jax.tree_util.tree_map(lambda want, got: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5),
                            jax.grad(lambda p: loss(reference, p))(variables),
                            jax.grad(lambda p: loss(shifted, p))(variables))
+
+
+@pytest.mark.parametrize("pool,shape", [(2, (2, 8, 8, 3)), (4, (2, 8, 12, 2)), (2, (2, 6, 5, 2))])
+def test_max_pool_equals_reduce_window_in_values_and_gradient_ties_included(pool, shape) -> None:
+    # Values rounded to integers: many windows hold their maximum more than once.
+    rng = np.random.default_rng(pool)
+    x = jnp.asarray(np.round(rng.standard_normal(shape) * 1.5).astype(np.float32))
+
+    def reference(x):
+        window = (pool, pool)
+        return nn.max_pool(x, window, strides=window, padding="SAME")
+
+    pooled, pool_vjp = jax.vjp(lambda x: models._max_pool(x, pool), x)  # pylint: disable=protected-access
+    expected, reference_vjp = jax.vjp(reference, x)
+    np.testing.assert_array_equal(np.asarray(pooled), np.asarray(expected))
+    grad_pooled = jnp.asarray(rng.standard_normal(expected.shape).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(pool_vjp(grad_pooled)[0]), np.asarray(reference_vjp(grad_pooled)[0]))
