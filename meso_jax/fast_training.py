@@ -71,6 +71,15 @@ def pool_phase_conv(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, pool:
     return phases
 
 
+def interleave_pool_phases(phases: list[jax.Array], pool: int) -> jax.Array:
+    """The inverse of splitting by pooling phase: ``phases`` [(dy, dx) row-major], each (B, h, w, C),
+    woven into one (B, h * pool, w * pool, C) array with phase (dy, dx) at rows pool*i + dy, columns
+    pool*j + dx."""
+    batch, out_h, out_w, channels = phases[0].shape
+    return (jnp.stack(phases).reshape(pool, pool, batch, out_h, out_w, channels)
+            .transpose(2, 3, 0, 4, 1, 5).reshape(batch, out_h * pool, out_w * pool, channels))
+
+
 def _conv(x_bhwc: jax.Array, kernel: jax.Array) -> jax.Array:
     return onednn.conv_general_dilated(x_bhwc, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMENSIONS)
 
@@ -127,9 +136,7 @@ def _backward(pool, epsilon, phased_conv, residuals, cotangents):
                                              - (activation - mean) * inv_std * grad_scale / count)
         grad_phases.append(jnp.where(z > 0, grad_activation, 0.0))
     grad_bias = sum(jnp.sum(g, axis=(0, 1, 2)) for g in grad_phases)
-    out_h, out_w = height // pool, width // pool
-    grad_z = (jnp.stack(grad_phases).reshape(pool, pool, batch, out_h, out_w, -1)
-              .transpose(2, 3, 0, 4, 1, 5).reshape(batch, height, width, -1))
+    grad_z = interleave_pool_phases(grad_phases, pool)
     _, conv_vjp = jax.vjp(_conv, x_bhwc, kernel)
     grad_x, grad_kernel = conv_vjp(grad_z)
     return grad_x, grad_kernel, grad_bias, grad_scale, grad_offset

@@ -58,7 +58,6 @@ def _tiled_max_pool_backward(pool: int, residuals: tuple[jax.Array, jax.Array], 
     # Each window's gradient goes to its first maximum in row-major order, as with XLA's max-pool
     # gradient (select-and-scatter): one elementwise pass per window position, then re-interleaved.
     x_bhwc, pooled = residuals
-    batch, height, width, channels = x_bhwc.shape
     taken = jnp.zeros(pooled.shape, bool)
     grads = []
     for dy in range(pool):
@@ -66,9 +65,7 @@ def _tiled_max_pool_backward(pool: int, residuals: tuple[jax.Array, jax.Array], 
             chosen = (x_bhwc[:, dy::pool, dx::pool] == pooled) & ~taken
             taken = taken | chosen
             grads.append(jnp.where(chosen, grad_pooled, 0.0))
-    grad_x = (jnp.stack(grads).reshape(pool, pool, batch, height // pool, width // pool, channels)
-              .transpose(2, 3, 0, 4, 1, 5).reshape(batch, height, width, channels))
-    return (grad_x,)
+    return (fast_training.interleave_pool_phases(grads, pool),)
 
 
 _tiled_max_pool.defvjp(_tiled_max_pool_forward, _tiled_max_pool_backward)
