@@ -171,7 +171,9 @@ def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
     """
     try:
         _check_header(data)
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        # Any depth and colour layout (alpha is dropped), turned upright by the EXIF orientation as
+        # phones record it; IMREAD_UNCHANGED would ignore the orientation and hand over rotated faces.
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
         if image is None or image.size == 0:
             raise MediaError("image data could not be decoded (corrupt or unsupported)")
         return _to_rgb_uint8(image)
@@ -180,21 +182,16 @@ def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
 
 
 def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """OpenCV decode output (BGR[A] or gray, 8/16-bit) -> uint8 HxWx3 RGB."""
+    """OpenCV decode output (BGR or gray, 8/16-bit; alpha already dropped) -> uint8 HxWx3 RGB."""
     if image.dtype == np.uint16:
         image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise MediaError(f"unsupported pixel type {image.dtype}")
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
         return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
-    channels = image.shape[2]
-    if channels == 2:  # gray + alpha: the alpha is dropped like PIL's convert("RGB")
-        return cv2.cvtColor(np.ascontiguousarray(image[:, :, 0]), cv2.COLOR_GRAY2RGB)
-    if channels == 3:
+    if image.shape[2] == 3:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if channels == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    raise MediaError(f"unsupported image with {channels} channels")
+    raise MediaError(f"unsupported image with {image.shape[2]} channels")
 
 
 def _read_image_file(path: str) -> bytes:

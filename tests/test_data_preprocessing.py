@@ -37,6 +37,28 @@ def test_jpeg_decodes_like_opencv_imread(tmp_path):
     np.testing.assert_array_equal(read_image_rgb(path), cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB))
 
 
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an EXIF APP1 segment holding only the Orientation tag, as a phone writes it."""
+    ifd = struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    payload = b"Exif\x00\x00" + b"MM\x00*" + struct.pack(">I", 8) + ifd
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, lambda im: im), (3, lambda im: im[::-1, ::-1]),
+                                                  (6, lambda im: np.rot90(im, -1)), (8, lambda im: np.rot90(im))])
+def test_exif_orientation_turns_phone_photos_upright(tmp_path, orientation, upright):
+    stored = np.zeros((48, 96, 3), np.uint8)
+    stored[:, :48] = 255  # left half white, as the sensor stored it
+    stored[:8, :] = (0, 0, 200)  # a red top band, so every rotation and flip differs
+    jpeg = cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(_with_exif_orientation(jpeg, orientation))
+    decoded = read_image_rgb(path)
+    expected = upright(cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+    assert decoded.shape == expected.shape
+    np.testing.assert_array_equal(decoded, expected)
+
+
 def test_gray_sixteen_bit_and_rgba_become_rgb_uint8(tmp_path):
     gray = _gradient_rgb()[:, :, 0]
     decoded = read_image_rgb(_write(tmp_path / "gray.png", gray))
