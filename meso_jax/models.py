@@ -126,15 +126,16 @@ class ClassifierHead(nn.Module):
 
     hidden_features: Sequence[int] = (16,)
     input_dropout: bool = True
+    dropout_rate: float = DROPOUT_RATE
 
     @nn.compact
     def __call__(self, features: jax.Array, train: bool) -> jax.Array:
         x = features.reshape((features.shape[0], -1))
         if self.input_dropout:
-            x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(x)
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         for width in self.hidden_features:
             x = nn.leaky_relu(nn.Dense(width)(x), LEAKY_RELU_SLOPE)
-            x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(x)
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(1)(x)[:, 0]
 
 
@@ -144,11 +145,12 @@ class Meso4(nn.Module):
     fused_first_block: train the first block (3 -> 8 channels at full resolution, most of a CPU
     training step) with fast_training's fused op; fused_later_blocks: blocks 2-4 too (over one
     convolution each: pays off where oneDNN computes the convolutions). Variables and results are
-    the same either way.
+    the same either way. dropout_rate: the head's dropout in training (the paper's 0.5).
     """
 
     fused_first_block: bool = False
     fused_later_blocks: bool = False
+    dropout_rate: float = DROPOUT_RATE
 
     @nn.compact
     def __call__(self, images_bhwc: jax.Array, train: bool = False) -> jax.Array:
@@ -156,7 +158,7 @@ class Meso4(nn.Module):
         for features, kernel_size, pool in ((8, 5, 2), (16, 5, 2), (16, 5, 4)):
             x = ConvBlock(features, kernel_size, pool, fused_training=self.fused_later_blocks,
                           phased_conv=False)(x, train)
-        return ClassifierHead()(x, train)
+        return ClassifierHead(dropout_rate=self.dropout_rate)(x, train)
 
 
 class ShiftedConv(nn.Module):
@@ -210,6 +212,8 @@ class InceptionBlock(nn.Module):
 class MesoInception4(nn.Module):
     """MesoInception-4: 28,615 trainable parameters at 256x256x3."""
 
+    dropout_rate: float = DROPOUT_RATE
+
     @nn.compact
     def __call__(self, images_bhwc: jax.Array, train: bool = False) -> jax.Array:
         x = images_bhwc
@@ -218,11 +222,13 @@ class MesoInception4(nn.Module):
             x = _max_pool(_batch_norm(train)(x), 2)
         x = ConvBlock(16, 5, 2)(x, train)
         x = ConvBlock(16, 5, 4)(x, train)
-        return ClassifierHead()(x, train)
+        return ClassifierHead(dropout_rate=self.dropout_rate)(x, train)
 
 
 class Meso4Video(nn.Module):
     """Clip model: four Conv3D 3x3x3 blocks (8, 16, 32, 32), global average pool, MLP head."""
+
+    dropout_rate: float = DROPOUT_RATE
 
     @nn.compact
     def __call__(self, clips_bthwc: jax.Array, train: bool = False) -> jax.Array:
@@ -233,7 +239,7 @@ class Meso4Video(nn.Module):
             if index < 3:
                 x = _max_pool(x, 2)
         x = jnp.mean(x, axis=(1, 2, 3))
-        return ClassifierHead(hidden_features=(64, 16), input_dropout=False)(x, train)
+        return ClassifierHead(hidden_features=(64, 16), input_dropout=False, dropout_rate=self.dropout_rate)(x, train)
 
 
 @dataclasses.dataclass(frozen=True)

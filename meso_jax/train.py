@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     keras_weights: str | None = None
     kernel_init: str = "flax"  # flax: LeCun-normal kernels; keras: Glorot-uniform (the seed's Keras recipe)
+    dropout_rate: float = models.DROPOUT_RATE  # the classifier head's dropout in training (the paper's 0.5)
     # Data (used by train_and_evaluate; fit() takes batches directly).
     data_dir: str = ""
     dataset: str = "image"  # image | video
@@ -81,6 +82,8 @@ class TrainConfig:
 
     def __post_init__(self):
         # Checked here, before any data is read, so a bad combination fails at once with one line.
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         if self.decay_epochs and self.schedule != "constant":
             raise ValueError(f"decay_epochs applies to the constant schedule, not to {self.schedule!r}")
         if not 0 <= self.decay_epochs <= self.epochs:
@@ -124,13 +127,14 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     return optax.adam(schedule)
 
 
-def training_module(spec: models.ModelSpec) -> nn.Module:
-    """The module train steps apply: Meso-4 with its fused first block where fast_training is enabled,
-    and fused later blocks where oneDNN computes the convolutions too (same variables and results as
-    ``spec.module``)."""
-    if isinstance(spec.module, models.Meso4) and fast_training.enabled():
-        return spec.module.clone(fused_first_block=True, fused_later_blocks=onednn.enabled())
-    return spec.module
+def training_module(spec: models.ModelSpec, dropout_rate: float = models.DROPOUT_RATE) -> nn.Module:
+    """The module train steps apply: ``spec.module`` with the head's ``dropout_rate``, and for Meso-4 its
+    fused first block where fast_training is enabled and fused later blocks where oneDNN computes the
+    convolutions too (same variables and results as ``spec.module``)."""
+    module = spec.module.clone(dropout_rate=dropout_rate)
+    if isinstance(module, models.Meso4) and fast_training.enabled():
+        return module.clone(fused_first_block=True, fused_later_blocks=onednn.enabled())
+    return module
 
 
 def create_train_state(spec: models.ModelSpec, config: TrainConfig, total_steps: int,
@@ -138,7 +142,7 @@ def create_train_state(spec: models.ModelSpec, config: TrainConfig, total_steps:
     """A fresh TrainState, initialised from ``variables`` when given (e.g. imported Keras weights)."""
     variables = variables or models.init_variables(spec, config.seed, config.kernel_init)
     return TrainState.create(
-        apply_fn=training_module(spec).apply,
+        apply_fn=training_module(spec, config.dropout_rate).apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=make_optimizer(config, total_steps),

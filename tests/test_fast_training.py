@@ -99,4 +99,4 @@ def test_training_uses_the_fused_block_on_cpu_unless_turned_off(monkeypatch):
     monkeypatch.setenv("MESO_JAX_FAST_TRAINING", "0")
     assert not train.training_module(spec).fused_first_block
     assert not train.training_module(spec).fused_later_blocks
-    assert train.training_module(models.get_model("mesoinception4")) is models.get_model("mesoinception4").module
+    assert train.training_module(models.get_model("mesoinception4")) == models.get_model("mesoinception4").module

@@ -143,3 +143,22 @@ def test_mse_loss_is_the_papers_squared_error() -> None:
     labels = np.array([1.0, 0.0])
     expected = (jax.nn.sigmoid(logits) - labels) ** 2
     np.testing.assert_allclose(train.per_example_loss(logits, labels, "mse"), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["meso4", "mesoinception4"])
+def test_dropout_rate_reaches_the_head_in_training_only(model) -> None:
+    spec = models.get_model(model)
+    variables = models.init_variables(spec, seed=0)
+    images = jax.random.uniform(jax.random.key(1), (2, *spec.input_shape))
+
+    def train_logits(dropout_rate: float, dropout_seed: int) -> np.ndarray:
+        logits, _ = train.training_module(spec, dropout_rate).apply(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(dropout_seed)})
+        return np.asarray(logits)
+
+    assert not np.allclose(train_logits(0.5, 0), train_logits(0.5, 1))  # the paper's dropout
+    np.testing.assert_array_equal(train_logits(0.0, 0), train_logits(0.0, 1))  # none at all
+    inference = train.training_module(spec, 0.0).apply(variables, images, train=False)
+    np.testing.assert_allclose(inference, spec.module.apply(variables, images, train=False), atol=1e-6)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        _config(dropout_rate=1.0)
