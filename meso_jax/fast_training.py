@@ -96,29 +96,32 @@ def _pool_phases(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, pool: in
 
 def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv):
     batch, height, width, _ = x_bhwc.shape
-    phases = _pool_phases(x_bhwc, kernel, bias, pool, phased_conv)
+    # relu(z) per phase: everything after the ReLU, and its mask (relu(z) > 0 exactly where z > 0),
+    # needs only the activations.
+    activations = [jax.nn.relu(z) for z in _pool_phases(x_bhwc, kernel, bias, pool, phased_conv)]
     if phased_conv and onednn.enabled():
         # Each phase's 27-tap sum looks cheap to XLA, which then recomputes it inside every consumer
         # (statistics, pooling, the four backward fusions): computed once into memory instead, the
-        # training step takes ~320 ms instead of ~400 (BENCHMARKS.md).
-        phases = [onednn.materialize(z) for z in phases]
+        # training step takes ~320 ms instead of ~400 (BENCHMARKS.md). Kept after the ReLU, so no
+        # consumer writes a second copy.
+        activations = [onednn.materialize(a) for a in activations]
     count = batch * height * width
     # Batch statistics of relu(z) over all positions, as flax.linen.BatchNorm computes them.
-    mean = sum(jnp.sum(jax.nn.relu(z), axis=(0, 1, 2)) for z in phases) / count
-    mean_of_squares = sum(jnp.sum(jnp.square(jax.nn.relu(z)), axis=(0, 1, 2)) for z in phases) / count
+    mean = sum(jnp.sum(a, axis=(0, 1, 2)) for a in activations) / count
+    mean_of_squares = sum(jnp.sum(jnp.square(a), axis=(0, 1, 2)) for a in activations) / count
     var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
     inv_std = jax.lax.rsqrt(var + epsilon)
     channel_scale = scale * inv_std
-    z_max = functools.reduce(jnp.maximum, phases)
-    z_min = functools.reduce(jnp.minimum, phases)
-    selected = jax.nn.relu(jnp.where(channel_scale >= 0, z_max, z_min))  # the activation each output takes
+    activation_max = functools.reduce(jnp.maximum, activations)
+    activation_min = functools.reduce(jnp.minimum, activations)
+    selected = jnp.where(channel_scale >= 0, activation_max, activation_min)  # the activation each output takes
     pooled = (selected - mean) * channel_scale + offset
-    return (pooled, mean, var), (x_bhwc, kernel, phases, selected, mean, inv_std, scale)
+    return (pooled, mean, var), (x_bhwc, kernel, activations, selected, mean, inv_std, scale)
 
 
 def _backward(pool, epsilon, phased_conv, residuals, cotangents):
     del epsilon, phased_conv
-    x_bhwc, kernel, phases, selected, mean, inv_std, scale = residuals
+    x_bhwc, kernel, activations, selected, mean, inv_std, scale = residuals
     grad_pooled = cotangents[0]  # the statistics outputs are returned under stop_gradient
     batch, height, width, _ = x_bhwc.shape
     count = batch * height * width
@@ -128,13 +131,12 @@ def _backward(pool, epsilon, phased_conv, residuals, cotangents):
     # (the first phase holding the selected value, as XLA's max-pool gradient picks the first maximum).
     taken = jnp.zeros(grad_pooled.shape, bool)
     grad_phases = []
-    for z in phases:
-        activation = jax.nn.relu(z)
+    for activation in activations:
         chosen = (activation == selected) & ~taken
         taken = taken | chosen
         grad_activation = scale * inv_std * (jnp.where(chosen, grad_pooled, 0.0) - grad_offset / count
                                              - (activation - mean) * inv_std * grad_scale / count)
-        grad_phases.append(jnp.where(z > 0, grad_activation, 0.0))
+        grad_phases.append(jnp.where(activation > 0, grad_activation, 0.0))
     grad_bias = sum(jnp.sum(g, axis=(0, 1, 2)) for g in grad_phases)
     grad_z = interleave_pool_phases(grad_phases, pool)
     _, conv_vjp = jax.vjp(_conv, x_bhwc, kernel)
