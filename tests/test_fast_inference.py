@@ -115,4 +115,6 @@ def test_large_cpu_batches_run_in_chunks_with_the_same_logits(monkeypatch) -> No
     assert "while" in chunked_hlo  # the lax.map loop over chunks
     chunked = np.asarray(jax.jit(fast_inference.meso4_forward)(variables, images))
     one_pass = np.asarray(jax.jit(fast_inference._meso4_forward_one_pass)(variables, images))  # pylint: disable=protected-access
-    np.testing.assert_allclose(chunked, one_pass, atol=1e-6, rtol=0)
+    # Chunks of 2 and one batch of 5 may take different kernels (another float32 summation order):
+    # equal to float32 rounding of O(1) activations, as in the other comparisons here.
+    np.testing.assert_allclose(chunked, one_pass, atol=1e-5, rtol=0)

@@ -105,9 +105,12 @@ def test_shifted_conv_is_flax_conv(dilation: int, backend: str, monkeypatch) -> 
         return jnp.sum(jnp.sin(module.apply(params, images)))
 
     np.testing.assert_allclose(shifted.apply(variables, images), reference.apply(variables, images), atol=2e-6)
-    jax.tree_util.tree_map(lambda want, got: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5),
-                           jax.grad(lambda p: loss(reference, p))(variables),
-                           jax.grad(lambda p: loss(shifted, p))(variables))
+    # Each gradient entry sums 286 products; float32 rounding differs by CPU (AVX-512 vs AMX kernels),
+    # so the tolerance is relative to the largest entry, not to each (small) entry.
+    jax.tree_util.tree_map(
+        lambda want, got: np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max())),
+        jax.grad(lambda p: loss(reference, p))(variables),
+        jax.grad(lambda p: loss(shifted, p))(variables))
 
 
 @pytest.mark.parametrize("pool,shape", [(2, (2, 8, 8, 3)), (4, (2, 8, 12, 2)), (2, (2, 6, 5, 2))])
