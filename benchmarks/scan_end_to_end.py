@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--skip_plain", action="store_true", help="leave out the plain-Flax predict_main run")
     parser.add_argument("--shipped_models", action="store_true",
-                        help="also scan with checkpoints/mesoinception4 (the default) and checkpoints/meso4")
+                        help="also scan with the shipped checkpoints/mesoinception4 and checkpoints/meso4 (the default)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     info = common.machine_info()
