@@ -160,10 +160,12 @@ def best_step(manager: ocp.CheckpointManager) -> int:
 
 def _check_model_name(path: pathlib.Path, metadata: dict) -> str:
     model_name = metadata.get("model") if isinstance(metadata, dict) else None
-    if model_name not in models.MODEL_NAMES:
+    try:
+        models.get_model(model_name)
+    except ValueError:
         found = f"model {model_name!r}" if model_name is not None else "no model name in its metadata"
-        raise CheckpointError(f"{path}: expected a MesoNet checkpoint ({', '.join(models.MODEL_NAMES)}), "
-                              f"found {found}")
+        raise CheckpointError(f"{path}: expected a MesoNet checkpoint ({', '.join(models.MODEL_NAMES)} or "
+                              f"an ensemble of them), found {found}") from None
     return model_name
 
 

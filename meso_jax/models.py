@@ -242,6 +242,19 @@ class Meso4Video(nn.Module):
         return ClassifierHead(hidden_features=(64, 16), input_dropout=False, dropout_rate=self.dropout_rate)(x, train)
 
 
+class MesoEnsemble(nn.Module):
+    """Registered image models applied to the same input; the logit is the mean of theirs (each
+    member's parameters under ``member_<i>``)."""
+
+    member_names: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        logits = [_REGISTRY[name].module.clone(parent=self, name=f"member_{index}")(x, train)
+                  for index, name in enumerate(self.member_names)]
+        return jnp.mean(jnp.stack(logits), axis=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A registered model: its Flax module and the shape of one input (no batch dimension)."""
@@ -265,14 +278,34 @@ _REGISTRY: dict[str, ModelSpec] = {
     "meso4_video": ModelSpec("meso4_video", Meso4Video(), (CLIP_FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3)),
 }
 MODEL_NAMES = tuple(_REGISTRY)
+ENSEMBLE_PREFIX = "ensemble:"
+
+
+def ensemble_name(member_names: Sequence[str]) -> str:
+    """The model name of an ensemble of registered image models, e.g. "ensemble:meso4,mesoinception4"."""
+    return ENSEMBLE_PREFIX + ",".join(member_names)
 
 
 def get_model(name: str) -> ModelSpec:
-    """Returns the registered model called ``name``."""
-    try:
+    """Returns the registered model called ``name``, or the ensemble an ensemble_name() names."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
+    if isinstance(name, str) and name.startswith(ENSEMBLE_PREFIX):
+        return _ensemble_spec(tuple(name[len(ENSEMBLE_PREFIX):].split(",")))
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+@functools.cache
+def _ensemble_spec(member_names: tuple[str, ...]) -> ModelSpec:
+    if len(member_names) < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {len(member_names)}")
+    member_specs = [get_model(name) for name in member_names if not name.startswith(ENSEMBLE_PREFIX)]
+    if len(member_specs) != len(member_names) or any(spec.is_clip_model for spec in member_specs) or len(
+            {spec.input_shape for spec in member_specs}) != 1:
+        raise ValueError(f"ensemble members must be image models with one input shape "
+                         f"({', '.join(n for n in MODEL_NAMES if not _REGISTRY[n].is_clip_model)}), "
+                         f"got {', '.join(member_names)}")
+    return ModelSpec(ensemble_name(member_names), MesoEnsemble(member_names), member_specs[0].input_shape)
 
 
 KERNEL_INITS = ("flax", "keras")
