@@ -216,6 +216,11 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                                     path, step, first_line(error))
                     continue
                 variables = jax.tree_util.tree_map(np.asarray, restored["model"])
+                if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(variables)):
+                    first_error = first_error or f"step {step} holds NaN or infinite weights"
+                    logging.warning("%s: checkpoint step %d holds NaN or infinite weights; trying the next best one",
+                                    path, step)
+                    continue
                 return LoadedModel(model_name, variables, scan_preprocessing(metadata), metadata,
                                    source=f"{path} (step {step})")
     except CheckpointError:

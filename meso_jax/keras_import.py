@@ -142,7 +142,10 @@ def load_keras_weights(h5_path: str | os.PathLike) -> tuple[str, dict]:
     model_name, build_variables = _ARCHITECTURES[counts]
     variables = build_variables(layers)
     _check_shapes(h5_path, model_name, variables)
-    return model_name, jax.tree_util.tree_map(np.asarray, variables)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(variables)):
+        raise KerasWeightsError(f"{h5_path}: holds NaN or infinite weights")
+    return model_name, variables
 
 
 def convert_keras_weights(h5_path: str | os.PathLike, directory: str | os.PathLike) -> str:

@@ -95,6 +95,25 @@ def test_prediction_falls_back_from_a_damaged_best_checkpoint(tmp_path, caplog) 
         checkpoints.load_model(tmp_path)
 
 
+def test_nan_weights_are_skipped_like_damage_and_never_scored(tmp_path, caplog) -> None:
+    poisoned = jax.tree_util.tree_map(np.asarray, _variables("meso4"))
+    poisoned["params"]["ConvBlock_0"]["Conv_0"]["kernel"][0, 0, 0, 0] = np.nan
+    checkpoints.save_model(tmp_path / "exported", "meso4", poisoned, {"resize": "nearest"})
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.load_model(tmp_path / "exported")
+    assert "\n" not in str(error.value) and "step 0 holds NaN or infinite weights" in str(error.value)
+
+    # In a workdir whose best step holds infinities, the next best step is used instead.
+    state = _workdir_with_steps(tmp_path / "run", [(2, 0.5)])
+    infinite = state.replace(step=4, params=jax.tree_util.tree_map(lambda x: x + np.inf, state.params))
+    with checkpoints.open_manager(tmp_path / "run" / "checkpoints") as manager:
+        metadata = checkpoints.model_metadata("meso4", {"resize": "nearest"}, {"step": 4, "metrics": {"val_auc": 0.9}})
+        checkpoints.save_train_state(manager, 4, jax.device_get(train.state_to_tree(infinite)), metadata,
+                                     metrics={"val_auc": 0.9})
+    assert checkpoints.load_model(tmp_path / "run").source.endswith("(step 2)")
+    assert "step 4 holds NaN or infinite weights" in caplog.text
+
+
 def test_a_checkpoint_of_another_model_is_one_clear_error(tmp_path) -> None:
     # A training workdir of MesoInception-4 resumed with --model=meso4.
     _workdir_with_steps(tmp_path / "inception_run", [(2, 0.5)], model="mesoinception4")

@@ -59,3 +59,15 @@ def test_a_file_that_is_not_mesonet_is_a_clear_error(tmp_path) -> None:
         group["dense_1/bias:0"] = np.zeros((2,), np.float32)
     with pytest.raises(keras_import.KerasWeightsError, match=r"not a MesoNet weight file: found 0 conv"):
         keras_import.load_keras_weights(other_network)
+
+
+def test_weights_with_nan_are_a_clear_error(shared_dir, tmp_path) -> None:
+    poisoned = tmp_path / "Meso4_DF.h5"
+    poisoned.write_bytes((shared_dir / "mesonet" / "Meso4_DF.h5").read_bytes())
+    with h5py.File(poisoned, "r+") as h5:
+        kernels = []
+        h5.visititems(lambda name, item: kernels.append(name) if isinstance(item, h5py.Dataset) and "kernel" in name
+                      else None)
+        h5[kernels[0]][(0,) * h5[kernels[0]].ndim] = np.nan
+    with pytest.raises(keras_import.KerasWeightsError, match="holds NaN or infinite weights"):
+        keras_import.load_keras_weights(poisoned)
