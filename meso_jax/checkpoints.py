@@ -79,12 +79,22 @@ def model_metadata(model_name: str, preprocessing: dict, extra: dict | None = No
     }
 
 
-def save_model(directory: str | os.PathLike, model_name: str, variables: dict, preprocessing: dict,
-               metadata: dict | None = None) -> None:
-    """Exports ``variables`` of ``model_name`` as a one-step orbax checkpoint with its metadata."""
+def check_new_directory(directory: str | os.PathLike) -> None:
+    """Raises CheckpointError unless ``directory`` is absent or empty (exports never overwrite)."""
     directory = pathlib.Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise CheckpointError(f"{directory}: already exists and is not empty; choose a new directory")
+
+
+def all_finite(variables: Any) -> bool:
+    """Whether every array in ``variables`` holds only finite numbers (no NaN, no infinity)."""
+    return all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(variables))
+
+
+def save_model(directory: str | os.PathLike, model_name: str, variables: dict, preprocessing: dict,
+               metadata: dict | None = None) -> None:
+    """Exports ``variables`` of ``model_name`` as a one-step orbax checkpoint with its metadata."""
+    check_new_directory(directory)
     model_variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     with open_manager(directory) as manager:
         manager.save(0, args=ocp.args.Composite(
@@ -216,7 +226,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                                     path, step, first_line(error))
                     continue
                 variables = jax.tree_util.tree_map(np.asarray, restored["model"])
-                if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(variables)):
+                if not all_finite(variables):
                     first_error = first_error or f"step {step} holds NaN or infinite weights"
                     logging.warning("%s: checkpoint step %d holds NaN or infinite weights; trying the next best one",
                                     path, step)

@@ -72,8 +72,7 @@ def validation_metrics(ensemble: checkpoints.LoadedModel, val_dir: str, batch_si
 def export(member_dirs: Sequence[str], output_dir: str, val_dir: str | None = None) -> checkpoints.LoadedModel:
     """Loads the members, combines them, measures them on ``val_dir`` if given, and exports the ensemble
     to the new directory ``output_dir``. Raises EnsembleError or checkpoints.CheckpointError."""
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise EnsembleError(f"{output_dir}: already exists and is not empty; choose a new directory")
+    checkpoints.check_new_directory(output_dir)  # before the slow work
     ensemble = combine([checkpoints.load_model(member_dir) for member_dir in member_dirs])
     if val_dir:
         ensemble.metadata["metrics"] = validation_metrics(ensemble, val_dir)

@@ -143,7 +143,7 @@ def load_keras_weights(h5_path: str | os.PathLike) -> tuple[str, dict]:
     variables = build_variables(layers)
     _check_shapes(h5_path, model_name, variables)
     variables = jax.tree_util.tree_map(np.asarray, variables)
-    if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(variables)):
+    if not checkpoints.all_finite(variables):
         raise KerasWeightsError(f"{h5_path}: holds NaN or infinite weights")
     return model_name, variables
 

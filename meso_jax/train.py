@@ -573,7 +573,7 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
     def save(step: int, epoch_metrics: dict | None) -> None:
         metadata = dict(metadata_base, step=step, metrics=epoch_metrics or {})
         tree = jax.device_get(state_to_tree(state))
-        if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree["model"])):
+        if not checkpoints.all_finite(tree["model"]):
             # The loss of the last step was finite, but its update was not: never save a broken model.
             raise TrainingError(f"the model's parameters became non-finite at step {step}; stopped; {last_saved()}")
         try:
@@ -729,9 +729,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
 
     workdir = pathlib.Path(workdir)
     check_workdir(workdir)
-    if export_dir and pathlib.Path(export_dir).exists() and any(pathlib.Path(export_dir).iterdir()):
-        raise TrainingError(f"--export_checkpoint {export_dir} already exists and is not empty")
-    if export_dir:  # an unwritable export place must fail now, not after the training
+    if export_dir:  # an existing or unwritable export place must fail now, not after the training
+        try:
+            checkpoints.check_new_directory(export_dir)
+        except checkpoints.CheckpointError as error:
+            raise TrainingError(f"--export_checkpoint {error}") from None
         _check_writable_dir(pathlib.Path(export_dir), "--export_checkpoint")
     spec = models.get_model(config.model)
     prep = Preprocessing.from_dict(config.preprocessing)

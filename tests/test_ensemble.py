@@ -97,7 +97,7 @@ def test_exported_ensemble_scores_as_the_mean_of_its_members_and_records_them(tm
     assert metrics["val_count"] == 8
     assert metrics["val_auc"] == pytest.approx(sklearn.metrics.roc_auc_score([1] * 4 + [0] * 4, scores), abs=1e-9)
 
-    with pytest.raises(ensemble.EnsembleError, match="already exists and is not empty"):
+    with pytest.raises(checkpoints.CheckpointError, match="already exists and is not empty"):
         ensemble.export(member_dirs, str(tmp_path / "ensemble"))
 
 

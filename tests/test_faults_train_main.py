@@ -237,6 +237,13 @@ def test_setup_errors_are_one_line_before_any_training(tmp_path, data_dir, monke
                             f"--export_checkpoint={blocker / 'model'}", *TRAIN_FLAGS) == 1
     assert re.fullmatch(r"train_main: error: --export_checkpoint \S+/a_file/model is not writable: Not a directory",
                         _last_line(capsys.readouterr().err))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "other_model").write_text("x")
+    assert _main_in_process(monkeypatch, f"--data_dir={data_dir}", f"--workdir={tmp_path / 'w3'}",
+                            f"--export_checkpoint={taken}", *TRAIN_FLAGS) == 1
+    assert re.fullmatch(r"train_main: error: --export_checkpoint \S+/taken: already exists and is not empty; "
+                        r"choose a new directory", _last_line(capsys.readouterr().err))
 
 
 @pytest.mark.parametrize("script, flag", [("predict_main.py", "--output=a_file/records.jsonl"),
