@@ -34,6 +34,11 @@ flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order, augmentati
 flags.DEFINE_enum("kernel_init", "flax", ["flax", "keras"],
                   "Initial kernels: flax (LeCun-normal, the shipped model's) or keras (Glorot-uniform, as Keras).")
 flags.DEFINE_string("keras_weights", None, "Initialise from the authors' published .h5 weights.")
+flags.DEFINE_string("init_checkpoint", None, "Initialise from an exported model or a workdir's best checkpoint "
+                    "(fine-tuning; the optimizer starts afresh).")
+flags.DEFINE_string("teacher", None, "Distillation: a model (e.g. checkpoints/ensemble) whose score of each "
+                    "training image softens its target; needs --input_pipeline=memory.")
+flags.DEFINE_float("teacher_weight", 0.5, "With --teacher: target = (1 - w) * label + w * teacher score, w in (0, 0.5].")
 flags.DEFINE_float("dropout", 0.5, "Dropout rate in the classifier head during training (the paper's 0.5).")
 flags.DEFINE_float("val_fraction", 0.1, "Validation share, split by source video, when DATA has no val/ split.")
 flags.DEFINE_enum("augment", "flip", list(AUGMENTATIONS),
@@ -84,6 +89,7 @@ def main(argv: list[str]) -> int:
             learning_rate=FLAGS.learning_rate, schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
             decay_epochs=FLAGS.decay_epochs,
             weight_decay=FLAGS.weight_decay, loss=FLAGS.loss, seed=FLAGS.seed, keras_weights=FLAGS.keras_weights,
+            init_checkpoint=FLAGS.init_checkpoint, teacher=FLAGS.teacher, teacher_weight=FLAGS.teacher_weight,
             kernel_init=FLAGS.kernel_init, dropout_rate=FLAGS.dropout,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
             progress_bar=FLAGS.progress, data_dir=FLAGS.data_dir or "", dataset=FLAGS.dataset,

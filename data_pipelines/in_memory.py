@@ -102,6 +102,21 @@ class InMemoryData:
     _train: _DecodedSplit = dataclasses.field(repr=False)
     _val: _DecodedSplit = dataclasses.field(repr=False)
     _settings: dict = dataclasses.field(repr=False)
+    _teacher_probabilities: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    _teacher_weight: float = 0.0
+
+    def train_images(self) -> np.ndarray:
+        """The decoded training images (N, S, S, 3) uint8 in split order; rows of unreadable files are zero."""
+        return self._train.images
+
+    def soften_targets(self, teacher_probabilities: np.ndarray, teacher_weight: float) -> None:
+        """Distillation: from now on each training example's label is (1 - w) * label + w * p, with p the
+        teacher's probability real for its unaugmented image (``teacher_probabilities``, one per
+        train_images() row). Class weights still follow the hard labels."""
+        if teacher_probabilities.shape != (len(self._train.files),):
+            raise ValueError(f"expected {len(self._train.files)} teacher probabilities, got "
+                             f"{teacher_probabilities.shape}")
+        self._teacher_probabilities, self._teacher_weight = teacher_probabilities, teacher_weight
 
     def train_batches(self, epoch: int, skip_steps: int = 0) -> Iterator[dict]:
         """The batches of epoch ``epoch`` from step ``skip_steps`` on: {"image", "label", "weight"}."""
@@ -116,7 +131,7 @@ class InMemoryData:
 
         def batch(step: int) -> dict:
             first, last = step * batch_size, (step + 1) * batch_size
-            images, labels = [], []
+            images, labels, rows = [], [], []
             for sample in range(first // examples_per_sample, -(-last // examples_per_sample)):
                 index = int(indices[sample])
                 sample_images, sample_labels = train_examples(
@@ -124,11 +139,15 @@ class InMemoryData:
                     element_rng(seed, epoch, index), settings["augmentation"], settings["synthesize_fakes"])
                 images.append(sample_images)
                 labels.append(sample_labels)
+                rows.append(np.full(len(sample_labels), stream[index]))
             offset = first % examples_per_sample
             images_bhwc = np.concatenate(images)[offset:offset + batch_size]
             label_b = np.concatenate(labels)[offset:offset + batch_size]
-            return {"image": images_bhwc, "label": label_b,
-                    "weight": np.where(label_b > 0.5, real_weight, fake_weight).astype(np.float32)}
+            weight_b = np.where(label_b > 0.5, real_weight, fake_weight).astype(np.float32)
+            if self._teacher_probabilities is not None:
+                teacher_b = self._teacher_probabilities[np.concatenate(rows)[offset:offset + batch_size]]
+                label_b = ((1 - self._teacher_weight) * label_b + self._teacher_weight * teacher_b).astype(np.float32)
+            return {"image": images_bhwc, "label": label_b, "weight": weight_b}
 
         yield from _prefetched(batch, range(skip_steps, self.steps_per_epoch))
 

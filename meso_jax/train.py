@@ -64,6 +64,9 @@ class TrainConfig:
     loss: str = "bce"  # bce (binary cross-entropy on logits) | mse (the paper's, on probabilities)
     seed: int = 0
     keras_weights: str | None = None
+    init_checkpoint: str | None = None  # start from this exported model or workdir's best checkpoint
+    teacher: str | None = None  # a model whose scores soften the training targets (distillation)
+    teacher_weight: float = 0.5  # target = (1 - w) * label + w * teacher's probability real
     kernel_init: str = "flax"  # flax: LeCun-normal kernels; keras: Glorot-uniform (the seed's Keras recipe)
     dropout_rate: float = models.DROPOUT_RATE  # the classifier head's dropout in training (the paper's 0.5)
     # Data (used by train_and_evaluate; fit() takes batches directly).
@@ -91,6 +94,16 @@ class TrainConfig:
         if self.input_pipeline not in INPUT_PIPELINES:
             raise ValueError(f"unknown input_pipeline {self.input_pipeline!r}; choose one of "
                              f"{', '.join(INPUT_PIPELINES)}")
+        if self.keras_weights and self.init_checkpoint:
+            raise ValueError("give either --keras_weights or --init_checkpoint, not both")
+        if self.teacher:
+            # The teacher scores every training image once, in memory; the hard label keeps at least
+            # half the weight, so each target stays on its label's side of 0.5 (class weights, accuracy).
+            if self.input_pipeline != "memory" or self.synthesize_fakes:
+                raise ValueError("--teacher needs --input_pipeline=memory and no --synthesize_fakes "
+                                 "(it scores each training image once, before training)")
+            if not 0 < self.teacher_weight <= 0.5:
+                raise ValueError(f"teacher_weight={self.teacher_weight} must be in (0, 0.5]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +552,13 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, r
         if keras_model != config.model:
             raise TrainingError(f"--keras_weights {config.keras_weights} holds {keras_model}, but --model={config.model}")
         log(f"initialised from Keras weights {config.keras_weights}")
+    if config.init_checkpoint:
+        start = checkpoints.load_model(config.init_checkpoint)
+        if start.model_name != config.model:
+            raise TrainingError(f"--init_checkpoint {config.init_checkpoint} holds {start.model_name}, "
+                                f"but --model={config.model}")
+        initial_variables = start.variables
+        log(f"initialised from {start.source}")
     state = create_train_state(spec, config, total_steps, initial_variables)
     manager = checkpoints.open_manager(workdir / checkpoints.WORKDIR_CHECKPOINTS, keep_last=config.keep_checkpoints)
     try:
@@ -750,6 +770,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
             config.data_dir, config.dataset, prep, local_batch_size, config.seed, val_fraction=config.val_fraction,
             augment=config.augment, synthesize_fakes=config.synthesize_fakes, num_shards=processes,
             shard_index=jax.process_index())
+        if config.teacher:
+            data.soften_targets(_teacher_probabilities(config.teacher, data, prep, log), config.teacher_weight)
         epoch_batches, val_batches = data.train_batches, data.val_batches
     else:
         from data_pipelines import input_pipeline
@@ -783,6 +805,23 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
     if export_dir and jax.process_index() == 0:
         export_best(workdir, export_dir, log)
     return result
+
+
+def _teacher_probabilities(teacher_dir: str, data, prep, log: Callable[[str], None]) -> np.ndarray:
+    """The teacher's probability real for every training image held in memory (unaugmented), scored once."""
+    from meso_jax import scoring  # pylint: disable=import-outside-toplevel  (only for distillation)
+
+    teacher = checkpoints.load_model(teacher_dir)
+    for setting in ("image_size", "resize"):
+        if teacher.preprocessing.get(setting) != getattr(prep, setting):
+            raise TrainingError(f"--teacher {teacher_dir} takes {setting}={teacher.preprocessing.get(setting)}, "
+                                f"the training data {setting}={getattr(prep, setting)}")
+    images_bhwc = data.train_images()
+    log(f"teacher {teacher.source} ({teacher.model_name}): scoring the {len(images_bhwc)} training images once")
+    started = time.time()
+    probabilities = scoring.Scorer(teacher, batch_size=64).score(images_bhwc)
+    log(f"teacher: done in {time.time() - started:.0f} s")
+    return probabilities.astype(np.float32)
 
 
 def export_best(workdir: str | os.PathLike, export_dir: str | os.PathLike,

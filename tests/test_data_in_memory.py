@@ -62,3 +62,23 @@ def test_refuses_videos_face_detection_and_data_larger_than_memory(image_folder,
     monkeypatch.setattr(in_memory, "_available_memory_bytes", lambda: 10_000)
     with pytest.raises(ValueError, match="use --input_pipeline=tfdata"):
         in_memory.create_datasets(str(image_folder), "image", SMALL, batch_size=2, seed=0)
+
+
+def test_a_teacher_softens_each_training_target_and_nothing_else(image_folder):
+    kwargs = dict(val_fraction=0.25, augment="flip")
+    plain = in_memory.create_datasets(str(image_folder), "image", SMALL, batch_size=3, seed=5, **kwargs)
+    taught = in_memory.create_datasets(str(image_folder), "image", SMALL, batch_size=3, seed=5, **kwargs)
+    images = taught.train_images()
+    # A score per image that a horizontal flip keeps: its mean brightness.
+    teacher = (images.reshape(len(images), -1).mean(axis=1) / 255).astype(np.float32)
+    assert len(set(teacher.round(6))) > 1
+    with pytest.raises(ValueError, match="teacher probabilities"):
+        taught.soften_targets(teacher[1:], 0.3)
+    taught.soften_targets(teacher, 0.3)
+    for want, got in zip(plain.train_batches(1), taught.train_batches(1), strict=True):
+        np.testing.assert_array_equal(want["image"], got["image"])
+        np.testing.assert_array_equal(want["weight"], got["weight"])  # class weights follow the hard labels
+        brightness = got["image"].reshape(len(got["image"]), -1).mean(axis=1) / 255
+        np.testing.assert_allclose(got["label"], 0.7 * want["label"] + 0.3 * brightness, rtol=0, atol=1e-6)
+        assert got["label"].dtype == np.float32
+    assert_same_batches(list(plain.val_batches()), list(taught.val_batches()))  # validation keeps true labels

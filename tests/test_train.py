@@ -162,3 +162,32 @@ def test_dropout_rate_reaches_the_head_in_training_only(model) -> None:
     np.testing.assert_allclose(inference, spec.module.apply(variables, images, train=False), atol=1e-6)
     with pytest.raises(ValueError, match="dropout_rate"):
         _config(dropout_rate=1.0)
+
+
+def test_init_checkpoint_starts_from_its_weights_and_must_be_the_same_model(tmp_path) -> None:
+    start = jax.tree_util.tree_map(np.asarray, models.init_variables(models.get_model("meso4"), 7))
+    checkpoints.save_model(tmp_path / "start", "meso4", start, {"resize": "nearest"})
+    run_metadata = {"dataset": "image", "preprocessing": {"resize": "nearest", "face_detector": "none"}}
+    messages: list[str] = []
+    # At learning rate 0 the parameters stay those of the checkpoint (seed 0 would draw others).
+    train.fit(_config(epochs=1, learning_rate=0.0, init_checkpoint=str(tmp_path / "start")), tmp_path / "run",
+              STEPS_PER_EPOCH, run_metadata, _epoch_batches, _val_batches, log=messages.append)
+    assert any(message.startswith(f"initialised from {tmp_path / 'start'}") for message in messages)
+    trained = checkpoints.load_model(tmp_path / "run")
+    for want, got in zip(jax.tree_util.tree_leaves(start["params"]), jax.tree_util.tree_leaves(trained.variables["params"])):
+        np.testing.assert_array_equal(want, got)
+
+    with pytest.raises(train.TrainingError, match="holds meso4, but --model=mesoinception4"):
+        train.fit(_config(epochs=1, model="mesoinception4", init_checkpoint=str(tmp_path / "start")), tmp_path / "other",
+                  STEPS_PER_EPOCH, run_metadata, _epoch_batches, _val_batches, log=messages.append)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(teacher="t"), "--teacher needs --input_pipeline=memory"),
+    (dict(teacher="t", input_pipeline="memory", synthesize_fakes="sbi"), "no --synthesize_fakes"),
+    (dict(teacher="t", input_pipeline="memory", teacher_weight=0.6), r"teacher_weight=0.6 must be in \(0, 0.5\]"),
+    (dict(keras_weights="k.h5", init_checkpoint="c"), "either --keras_weights or --init_checkpoint"),
+])
+def test_distillation_and_initialisation_settings_are_checked_up_front(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _config(**overrides)
