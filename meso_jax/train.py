@@ -807,8 +807,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
     return result
 
 
-def _teacher_probabilities(teacher_dir: str, data, prep, log: Callable[[str], None]) -> np.ndarray:
-    """The teacher's probability real for every training image held in memory (unaugmented), scored once."""
+def _teacher_probabilities(teacher_dir: str, data: Any, prep: Any, log: Callable[[str], None]) -> np.ndarray:
+    """The teacher's probability real for every training image of ``data`` (in_memory.InMemoryData),
+    unaugmented, scored once; ``prep`` is the training data's Preprocessing."""
     from meso_jax import scoring  # pylint: disable=import-outside-toplevel  (only for distillation)
 
     teacher = checkpoints.load_model(teacher_dir)
