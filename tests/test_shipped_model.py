@@ -34,7 +34,7 @@ def test_the_default_model_is_the_better_shipped_one() -> None:
     run-to-run spread of it. Meso-4 v6 (0.870) is the default over MesoInception-4 (0.880): on the
     cross-dataset dev videos it scores 0.741 video AUC against 0.598, and it is 2.4x faster on a CPU
     (model card). A network better on validation by more than the spread must become the default. The
-    ensemble (0.912) is opt-in: ~6x the default's compute, and 0.652 on the dev videos."""
+    ensemble (0.912) is opt-in: ~8x the default's time on a CPU, and 0.652 on the dev videos."""
     aucs = {name: checkpoints.load_model(checkpoints.REPO_ROOT / "checkpoints" / name).metadata["metrics"]["val_auc"]
             for name in SINGLE_NETWORKS}
     default_name = checkpoints.DEFAULT_MODEL_DIR.name
