@@ -11,11 +11,13 @@ computes the same block (BatchNorm on batch statistics, as in training) in two p
   y = (a - mean) * s + offset is monotone, so the max over a window of y comes from the window's max
   of a = relu(z) (s >= 0) or its min (s < 0): the normalisation is applied once, after pooling.
 * Backward, written out: BatchNorm's gradient in closed form (every pooled output selects exactly one
-  position of its window), the ReLU mask, then the weight (and input) gradients of the convolution
-  (oneDNN's where available, see meso_jax.onednn, else XLA's) on the re-interleaved full-resolution
-  gradient. The input gradient is dead code for a first layer and XLA removes it. The phase outputs
-  are kept in memory for the backward (``onednn.materialize``, where oneDNN is on) rather than
-  recomputed by each of XLA's fusions that reads them.
+  position of its window: the forward keeps which), the ReLU mask, then the weight (and input)
+  gradients of the convolution (oneDNN's where available, see meso_jax.onednn, else XLA's) on the
+  full-resolution gradient: re-interleaved from the phases for a first layer, computed in place over
+  the convolution's output for the later blocks. The input gradient is dead code for a first layer and
+  XLA removes it. The phase outputs, the selected values and their phase are kept in memory for the
+  backward (``onednn.materialize``, where oneDNN is on) rather than recomputed by each of XLA's
+  fusions that reads them.
 
 Results equal the Flax ConvBlock's (models.ConvBlock) in float32; in tests against a float64
 reference the fused gradients are the more accurate of the two. Measured in
@@ -84,61 +86,81 @@ def _conv(x_bhwc: jax.Array, kernel: jax.Array) -> jax.Array:
     return onednn.conv_general_dilated(x_bhwc, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMENSIONS)
 
 
-def _pool_phases(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, pool: int,
-                 phased_conv: bool) -> list[jax.Array]:
-    """conv(SAME) + bias split by max-pool phase (as pool_phase_conv), computed phase by phase from the
-    input (``phased_conv``: best for few input channels) or as one convolution sliced by phase."""
-    if phased_conv:
-        return pool_phase_conv(x_bhwc, kernel, bias, pool)
-    z = _conv(x_bhwc, kernel) + bias
-    return [z[:, dy::pool, dx::pool, :] for dy in range(pool) for dx in range(pool)]
-
-
 def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv):
     batch, height, width, _ = x_bhwc.shape
-    # relu(z) per phase: everything after the ReLU, and its mask (relu(z) > 0 exactly where z > 0),
-    # needs only the activations.
-    activations = [jax.nn.relu(z) for z in _pool_phases(x_bhwc, kernel, bias, pool, phased_conv)]
-    if phased_conv and onednn.enabled():
-        # Each phase's 27-tap sum looks cheap to XLA, which then recomputes it inside every consumer
-        # (statistics, pooling, the four backward fusions): computed once into memory instead, the
-        # training step takes ~320 ms instead of ~400 (BENCHMARKS.md). Kept after the ReLU, so no
-        # consumer writes a second copy.
-        activations = [onednn.materialize(a) for a in activations]
+    # relu(z): everything after the ReLU, and its mask (relu(z) > 0 exactly where z > 0), needs only it.
+    if phased_conv:
+        # Split by pooling phase, each computed from the input (pool_phase_conv).
+        activations = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
+        if onednn.enabled():
+            # Each phase's 27-tap sum looks cheap to XLA, which then recomputes it inside every consumer
+            # (statistics, pooling, the four backward fusions): computed once into memory instead, the
+            # training step takes ~320 ms instead of ~400 (BENCHMARKS.md). Kept after the ReLU, so no
+            # consumer writes a second copy.
+            activations = [onednn.materialize(a) for a in activations]
+        kept = activations
+        statistics_over = activations
+    else:
+        # One convolution; its phases are strided views of it, but statistics and the backward run over
+        # the whole array (one pass each instead of one per phase; the gradient needs no re-interleaving).
+        full = jax.nn.relu(_conv(x_bhwc, kernel) + bias)
+        if onednn.enabled():
+            full = onednn.materialize(full)
+        activations = [full[:, dy::pool, dx::pool, :] for dy in range(pool) for dx in range(pool)]
+        kept = full
+        statistics_over = [full]
     count = batch * height * width
     # Batch statistics of relu(z) over all positions, as flax.linen.BatchNorm computes them.
-    mean = sum(jnp.sum(a, axis=(0, 1, 2)) for a in activations) / count
-    mean_of_squares = sum(jnp.sum(jnp.square(a), axis=(0, 1, 2)) for a in activations) / count
+    mean = sum(jnp.sum(a, axis=(0, 1, 2)) for a in statistics_over) / count
+    mean_of_squares = sum(jnp.sum(jnp.square(a), axis=(0, 1, 2)) for a in statistics_over) / count
     var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
     inv_std = jax.lax.rsqrt(var + epsilon)
     channel_scale = scale * inv_std
     activation_max = functools.reduce(jnp.maximum, activations)
     activation_min = functools.reduce(jnp.minimum, activations)
     selected = jnp.where(channel_scale >= 0, activation_max, activation_min)  # the activation each output takes
+    # The phase each output took its value from (the first holding it, as XLA's max-pool gradient picks
+    # the first maximum), kept for the backward, which would otherwise re-derive it (and ``selected``)
+    # from all phases in every phase's gradient.
+    winner = jnp.full(selected.shape, len(activations) - 1, jnp.float32)
+    for phase in reversed(range(len(activations) - 1)):
+        winner = jnp.where(activations[phase] == selected, jnp.float32(phase), winner)
+    if onednn.enabled():
+        selected, winner = onednn.materialize(selected), onednn.materialize(winner)
     pooled = (selected - mean) * channel_scale + offset
-    return (pooled, mean, var), (x_bhwc, kernel, activations, selected, mean, inv_std, scale)
+    return (pooled, mean, var), (x_bhwc, kernel, kept, selected, winner, mean, inv_std, scale)
 
 
 def _backward(pool, epsilon, phased_conv, residuals, cotangents):
-    del epsilon, phased_conv
-    x_bhwc, kernel, activations, selected, mean, inv_std, scale = residuals
+    del epsilon
+    x_bhwc, kernel, kept, selected, winner, mean, inv_std, scale = residuals
     grad_pooled = cotangents[0]  # the statistics outputs are returned under stop_gradient
     batch, height, width, _ = x_bhwc.shape
     count = batch * height * width
     grad_offset = jnp.sum(grad_pooled, axis=(0, 1, 2))
     grad_scale = jnp.sum(grad_pooled * (selected - mean) * inv_std, axis=(0, 1, 2))
-    # d/da of BatchNorm on batch statistics; the pooled gradient reaches only the selected position
-    # (the first phase holding the selected value, as XLA's max-pool gradient picks the first maximum).
-    taken = jnp.zeros(grad_pooled.shape, bool)
-    grad_phases = []
-    for activation in activations:
-        chosen = (activation == selected) & ~taken
-        taken = taken | chosen
-        grad_activation = scale * inv_std * (jnp.where(chosen, grad_pooled, 0.0) - grad_offset / count
+
+    def grad_z_of(activation, chosen, grad_pooled_at):
+        """d/dz of BatchNorm (batch statistics) after the ReLU; the pooled gradient reaches only the
+        winning phase's position."""
+        grad_activation = scale * inv_std * (jnp.where(chosen, grad_pooled_at, 0.0) - grad_offset / count
                                              - (activation - mean) * inv_std * grad_scale / count)
-        grad_phases.append(jnp.where(activation > 0, grad_activation, 0.0))
-    grad_bias = sum(jnp.sum(g, axis=(0, 1, 2)) for g in grad_phases)
-    grad_z = interleave_pool_phases(grad_phases, pool)
+        return jnp.where(activation > 0, grad_activation, 0.0)
+
+    if phased_conv:
+        grad_phases = [grad_z_of(activation, winner == phase, grad_pooled)
+                       for phase, activation in enumerate(kept)]
+        grad_bias = sum(jnp.sum(g, axis=(0, 1, 2)) for g in grad_phases)
+        grad_z = interleave_pool_phases(grad_phases, pool)
+    else:
+        # In window layout (B, H/pool, pool, W/pool, pool, C): position (dy, dx) of a window is phase
+        # dy * pool + dx.
+        windows_shape = (batch, height // pool, pool, width // pool, pool, kept.shape[-1])
+        phase_of_position = jnp.arange(pool * pool, dtype=jnp.float32).reshape(1, 1, pool, 1, pool, 1)
+        chosen = winner[:, :, None, :, None, :] == phase_of_position
+        grad_z = grad_z_of(kept.reshape(windows_shape), chosen,
+                           grad_pooled[:, :, None, :, None, :]).reshape(kept.shape)
+        grad_bias = jnp.sum(grad_z, axis=(0, 1, 2))
     _, conv_vjp = jax.vjp(_conv, x_bhwc, kernel)
     grad_x, grad_kernel = conv_vjp(grad_z)
     return grad_x, grad_kernel, grad_bias, grad_scale, grad_offset

@@ -34,12 +34,18 @@ def _random_block(rng, batch, size, kernel_size, in_channels, out_channels, pool
     return (x, kernel, bias, scale, offset), upstream
 
 
-@pytest.mark.parametrize("kernel_size,in_channels,out_channels,pool,phased_conv", [
-    (3, 3, 8, 2, True), (5, 8, 8, 2, True), (3, 2, 4, 4, True), (5, 8, 16, 4, False)])
+@pytest.mark.parametrize("kernel_size,in_channels,out_channels,pool,phased_conv,flat_patches", [
+    (3, 3, 8, 2, True, False), (5, 8, 8, 2, True, False), (3, 2, 4, 4, True, False), (5, 8, 16, 4, False, False),
+    (3, 3, 8, 2, True, True), (5, 8, 16, 4, False, True)])
 def test_fused_block_matches_a_float64_reference_in_value_and_gradient(kernel_size, in_channels, out_channels, pool,
-                                                                      phased_conv):
+                                                                      phased_conv, flat_patches):
     inputs, upstream = _random_block(np.random.default_rng(kernel_size * 10 + pool), 3, 32, kernel_size,
                                      in_channels, out_channels, pool)
+    if flat_patches:
+        # Constant 8x8 patches: inside them every pooling window holds equal values, so the gradient
+        # must go to each window's first maximum (or minimum), as XLA's max-pool gradient does.
+        patches = np.random.default_rng(1).integers(0, 3, (3, 4, 4, in_channels)).astype(np.float32) / 2
+        inputs = (np.repeat(np.repeat(patches, 8, axis=1), 8, axis=2), *inputs[1:])
 
     def loss(block, *arrays):
         pooled, _, _ = block(*arrays, pool)
