@@ -29,6 +29,7 @@ class ScoringFlags:
     aggregate: flags.FlagHolder
     threshold: flags.FlagHolder
     batch_size: flags.FlagHolder
+    flip_average: flags.FlagHolder
     workers: flags.FlagHolder
     progress: flags.FlagHolder
 
@@ -50,6 +51,9 @@ def define_scoring_flags() -> ScoringFlags:
                                      lower_bound=0.0, upper_bound=1.0),
         batch_size=flags.DEFINE_integer("batch_size", 32,
                                         "Model batch size (frames of several files share a batch).", lower_bound=1),
+        flip_average=flags.DEFINE_bool("flip_average", True,
+                                       "Score each face as the mean of the model's logits for it and its mirror "
+                                       "image (twice the model's work; --noflip_average: the face alone)."),
         workers=flags.DEFINE_integer("workers", None,
                                      "Threads decoding files and finding faces; default: CPU count, max 8.",
                                      lower_bound=1),
@@ -65,7 +69,7 @@ def load_scanner(scoring_flags: ScoringFlags):
     try:
         return scan.load_scanner(scoring_flags.checkpoint.value, scoring_flags.keras_weights.value,
                                  scoring_flags.face_detector.value, scoring_flags.frames.value,
-                                 scoring_flags.batch_size.value)
+                                 scoring_flags.batch_size.value, scoring_flags.flip_average.value)
     except scoring.ModelSourceError as error:
         raise UsageError(str(error)) from None
 

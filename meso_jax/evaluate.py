@@ -107,7 +107,8 @@ def evaluate(data_dir: str, files: list[tuple[str, int]], scorer: scoring.Scorer
         scan.scan_files([path for path, _ in files], scorer, prep, options, collect, progress)
 
     numbers, scores_by_level = evaluation_report(labelled_records, options.threshold)
-    model_description = {"name": scorer.spec.name, "source": scorer.model_source}
+    model_description = {"name": scorer.spec.name, "source": scorer.model_source,
+                         "flip_average": scorer.flip_average}
     report = {"data_dir": os.path.abspath(data_dir), "model": model_description, "preprocessing": prep.to_dict(),
               "aggregate": options.aggregate, "threshold": options.threshold, **numbers}
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as metrics_file:

@@ -386,17 +386,19 @@ def scan_files(paths: Iterable[str], scorer: scoring.Scorer, prep: Preprocessing
 
 
 def load_scanner(checkpoint: str | None, keras_weights: str | None, face_detector: str | None,
-                 frames_per_video: int | None, batch_size: int) -> tuple[scoring.Scorer, Preprocessing]:
+                 frames_per_video: int | None, batch_size: int,
+                 flip_average: bool = False) -> tuple[scoring.Scorer, Preprocessing]:
     """The scorer and preprocessing for a model source (see scoring.load_model_source).
 
     The model's own preprocessing applies, except ``face_detector`` / ``frames_per_video`` when given.
+    ``flip_average``: see scoring.Scorer.
     Raises scoring.ModelSourceError (one line) when the model cannot be loaded.
     """
     loaded_model = scoring.load_model_source(checkpoint, keras_weights)
     overrides = {"face_detector": face_detector, "frames_per_video": frames_per_video}
     prep = dataclasses.replace(Preprocessing.from_dict(loaded_model.preprocessing),
                                **{name: value for name, value in overrides.items() if value is not None})
-    scorer = scoring.Scorer(loaded_model, batch_size)
+    scorer = scoring.Scorer(loaded_model, batch_size, flip_average=flip_average)
     if prep.image_size != scorer.input_shape[-2]:
         raise scoring.ModelSourceError(f"{scorer.model_source}: preprocessing image_size {prep.image_size} does not "
                                        f"match the model's input {scorer.input_shape}")

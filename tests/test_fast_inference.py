@@ -86,6 +86,27 @@ def test_scorer_uses_fast_path_for_meso4_with_same_scores() -> None:
     np.testing.assert_allclose(fast_scorer.score(images), expected[:BATCH + 1], atol=1e-6, rtol=0)
 
 
+def test_flip_average_is_the_mean_logit_of_the_image_and_its_mirror() -> None:
+    variables = _random_variables(seed=4)
+    loaded = checkpoints.LoadedModel("meso4", variables, {}, {})
+    images = np.asarray(jax.random.uniform(jax.random.key(9), (BATCH, 256, 256, 3)))
+    mirrored = images[:, :, ::-1, :]
+    logits, mirrored_logits = _reference_logits(variables, images), _reference_logits(variables, mirrored)
+    assert np.max(np.abs(logits - mirrored_logits)) > 1e-3  # the mirror is another input to the model
+    expected = 1 / (1 + np.exp(-(logits + mirrored_logits) / 2))
+    for fast_path in (True, False):
+        scorer = scoring.Scorer(loaded, batch_size=BATCH, fast_path=fast_path, flip_average=True)
+        np.testing.assert_allclose(scorer.score(images), expected, atol=1e-6, rtol=0)
+        # A lone image (scored as a batch of one) and uint8 crops take the same path.
+        np.testing.assert_allclose(scorer.score(images[:1]), expected[:1], atol=1e-6, rtol=0)
+        crops = np.round(images * 255).astype(np.uint8)
+        np.testing.assert_allclose(scorer.score(crops), scorer.score(crops.astype(np.float32) / 255), atol=1e-6)
+    # A mirror-symmetric image scores the same either way.
+    symmetric = np.concatenate([images[:, :, :128], images[:, :, :128][:, :, ::-1]], axis=2)
+    np.testing.assert_allclose(scoring.Scorer(loaded, BATCH, flip_average=True).score(symmetric),
+                               scoring.Scorer(loaded, BATCH).score(symmetric), atol=1e-6, rtol=0)
+
+
 def test_uint8_crops_are_scaled_on_the_device_like_the_host_would() -> None:
     variables = _random_variables(seed=5)
     loaded = checkpoints.LoadedModel("meso4", variables, {}, {})

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.preprocessing import Preprocessing, media_kind
-from meso_jax import checkpoints, scan, scoring
+from meso_jax import checkpoints, models, scan, scoring
 from conftest import png_declaring, random_model_variables
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -57,7 +57,9 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def scorer(model_dir) -> scoring.Scorer:
-    return scoring.Scorer(scoring.load_model_source(checkpoint=str(model_dir)), batch_size=SMALL_BATCH)
+    """Scores as predict_main does by default (--flip_average)."""
+    return scoring.Scorer(scoring.load_model_source(checkpoint=str(model_dir)), batch_size=SMALL_BATCH,
+                          flip_average=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +211,17 @@ def test_clip_model_scores_videos_and_refuses_images(media_dir):
     assert 0.0 <= video.score <= 1.0 and video.frame_scores == [video.score]
 
 
+def test_flip_average_mirrors_clips_along_their_width():
+    variables = random_model_variables(seed=2, model_name="meso4_video")
+    loaded = checkpoints.LoadedModel("meso4_video", variables, {}, {})
+    spec = models.get_model("meso4_video")
+    clips = np.random.default_rng(0).uniform(0, 1, (1, *spec.input_shape)).astype(np.float32)
+    logits = [float(spec.module.apply(variables, x, train=False)[0]) for x in (clips, clips[..., ::-1, :])]
+    expected = 1 / (1 + np.exp(-(logits[0] + logits[1]) / 2))
+    score = scoring.Scorer(loaded, batch_size=1, flip_average=True).score(clips)
+    np.testing.assert_allclose(score, [expected], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("score, threshold, expected", [
     (0.9, 0.5, "very confident"), (0.1, 0.5, "very confident"), (0.75, 0.5, "confident"),
     (0.4, 0.5, "fairly confident"), (0.55, 0.5, "uncertain"), (0.5, 0.5, "uncertain"),
@@ -305,8 +318,9 @@ def test_usage_errors_exit_2_with_one_line(args, message, cache_dir):
 
 def test_published_weights_give_reference_scores(shared_dir, cache_dir):
     mesonet = shared_dir / "mesonet"
+    # The authors' scores are the network's alone: --noflip_average.
     result = _run("predict_main.py", f"--keras_weights={mesonet / 'Meso4_DF.h5'}", "--face_detector=none",
-                  "--format=json", f"--path={mesonet / 'test_images'}", cache_dir=cache_dir)
+                  "--noflip_average", "--format=json", f"--path={mesonet / 'test_images'}", cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr
     reference = json.loads((mesonet / "reference_scores.json").read_text())["Meso4_DF.h5"]
     scores = {os.path.relpath(r["path"], mesonet): r["score"] for r in map(json.loads, result.stdout.splitlines())}
