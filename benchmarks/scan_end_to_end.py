@@ -6,7 +6,9 @@
   the same with XLA's convolutions instead of oneDNN's (MESO_JAX_ONEDNN=0) and plain Flax
   (MESO_JAX_FAST_INFERENCE=0), vs benchmarks/keras_scanner.py doing the same work with the same
   decoder in Keras/TensorFlow; with --shipped_models also the two shipped checkpoints, each with
-  oneDNN's and XLA's convolutions. Runs alternate, and the scores are compared.
+  oneDNN's and XLA's convolutions. Runs alternate, and the scores are compared. predict_main runs with
+  --noflip_average: each face once, the same work as the Keras scanner (its default scores each face and
+  its mirror image: twice the model's work).
 * predict_main.py on one image: with cold JAX caches (fresh XDG_CACHE_HOME) and warm (median of 3),
   with the Keras weights and with the shipped checkpoint.
 """
@@ -71,7 +73,8 @@ def main() -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="meso_e2e_"))
     py = sys.executable
     predict = [py, "predict_main.py", f"--path={args.image_dir}", f"--limit={args.images}", "--face_detector=none",
-               f"--keras_weights={args.weights}", "--format=csv", "--progress=false", "--batch_size=32"]
+               f"--keras_weights={args.weights}", "--format=csv", "--progress=false", "--batch_size=32",
+               "--noflip_average"]
     contenders = {
         "predict_main_fast": (predict + [f"--output={tmp}/fast.csv"], {}, tmp / "fast.csv"),
         "predict_main_fast_xla_conv": (predict + [f"--output={tmp}/fast_xla.csv"], {"MESO_JAX_ONEDNN": "0"},
