@@ -53,7 +53,8 @@ def combine(members: Sequence[checkpoints.LoadedModel]) -> checkpoints.LoadedMod
 
 def validation_metrics(ensemble: checkpoints.LoadedModel, val_dir: str, batch_size: int = 32) -> dict:
     """``val_*`` metrics of ``ensemble`` on a folder of face crops (real/ and fake/), scored as
-    eval_main --face_detector=none does."""
+    eval_main --face_detector=none --noflip_average does (each face alone, as training's validation
+    scores it, so the metadata of ensembles and of trained models compare)."""
     # pylint: disable=import-outside-toplevel  (scanning pulls in OpenCV and the video readers)
     from meso_jax import evaluate, scan, scoring
 
