@@ -39,6 +39,9 @@ flags.DEFINE_string("init_checkpoint", None, "Initialise from an exported model 
 flags.DEFINE_string("teacher", None, "Distillation: a model (e.g. checkpoints/ensemble) whose score of each "
                     "training image softens its target; needs --input_pipeline=memory.")
 flags.DEFINE_float("teacher_weight", 0.5, "With --teacher: target = (1 - w) * label + w * teacher score, w in (0, 0.5].")
+flags.DEFINE_float("ema_decay", 0.0, "When > 0 (e.g. 0.999): keep an exponential moving average of the weights "
+                   "(Polyak averaging), validate, checkpoint and export it; the trained weights' validation is "
+                   "logged as raw_val_*.")
 flags.DEFINE_float("dropout", 0.5, "Dropout rate in the classifier head during training (the paper's 0.5).")
 flags.DEFINE_float("val_fraction", 0.1, "Validation share, split by source video, when DATA has no val/ split.")
 flags.DEFINE_enum("augment", "flip", list(AUGMENTATIONS),
@@ -90,7 +93,7 @@ def main(argv: list[str]) -> int:
             decay_epochs=FLAGS.decay_epochs,
             weight_decay=FLAGS.weight_decay, loss=FLAGS.loss, seed=FLAGS.seed, keras_weights=FLAGS.keras_weights,
             init_checkpoint=FLAGS.init_checkpoint, teacher=FLAGS.teacher, teacher_weight=FLAGS.teacher_weight,
-            kernel_init=FLAGS.kernel_init, dropout_rate=FLAGS.dropout,
+            kernel_init=FLAGS.kernel_init, dropout_rate=FLAGS.dropout, ema_decay=FLAGS.ema_decay,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
             progress_bar=FLAGS.progress, data_dir=FLAGS.data_dir or "", dataset=FLAGS.dataset,
             val_fraction=FLAGS.val_fraction, augment=FLAGS.augment, input_pipeline=FLAGS.input_pipeline,

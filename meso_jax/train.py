@@ -43,10 +43,12 @@ class TrainingError(Exception):
 
 
 class TrainState(train_state.TrainState):
-    """params, optimizer state and step (from flax), plus BatchNorm statistics and the dropout key."""
+    """params, optimizer state and step (from flax), plus BatchNorm statistics, the dropout key and, with
+    weight averaging, ``ema`` = {"params", "batch_stats"}: their exponential moving average (None without)."""
 
     batch_stats: Any
     rng: jax.Array
+    ema: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,7 @@ class TrainConfig:
     teacher_weight: float = 0.5  # target = (1 - w) * label + w * teacher's probability real
     kernel_init: str = "flax"  # flax: LeCun-normal kernels; keras: Glorot-uniform (the seed's Keras recipe)
     dropout_rate: float = models.DROPOUT_RATE  # the classifier head's dropout in training (the paper's 0.5)
+    ema_decay: float = 0.0  # > 0: validate, checkpoint and export an exponential moving average of the weights
     # Data (used by train_and_evaluate; fit() takes batches directly).
     data_dir: str = ""
     dataset: str = "image"  # image | video
@@ -87,6 +90,8 @@ class TrainConfig:
         # Checked here, before any data is read, so a bad combination fails at once with one line.
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) (0: no weight averaging)")
         if self.decay_epochs and self.schedule != "constant":
             raise ValueError(f"decay_epochs applies to the constant schedule, not to {self.schedule!r}")
         if not 0 <= self.decay_epochs <= self.epochs:
@@ -154,12 +159,18 @@ def create_train_state(spec: models.ModelSpec, config: TrainConfig, total_steps:
                        variables: dict | None = None) -> TrainState:
     """A fresh TrainState, initialised from ``variables`` when given (e.g. imported Keras weights)."""
     variables = variables or models.init_variables(spec, config.seed, config.kernel_init)
+    # The average starts at the initial weights, in buffers of its own (train steps donate the state).
+    ema = None
+    if config.ema_decay > 0:
+        ema = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True),
+                                     {"params": variables["params"], "batch_stats": variables["batch_stats"]})
     return TrainState.create(
         apply_fn=training_module(spec, config.dropout_rate).apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=make_optimizer(config, total_steps),
         rng=jax.random.PRNGKey(config.seed + 1),
+        ema=ema,
     )
 
 
@@ -176,10 +187,18 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
-def train_step(state: TrainState, batch: dict, loss: str = "bce") -> tuple[TrainState, dict]:
+def ema_decay_at(ema_decay: float, step: jax.Array) -> jax.Array:
+    """The averaging decay after ``step`` updates: ``ema_decay``, lowered early on to (1 + step) / (10 + step)
+    (tf.train.ExponentialMovingAverage's rule) so the average soon leaves the initial weights behind."""
+    return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(state: TrainState, batch: dict, loss: str = "bce",
+               ema_decay: float = 0.0) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch`` = {"image", "label" (1 real), "weight"}; returns (state, metrics).
 
-    Images are uint8 (scaled to [0, 1] here, on the device, by the one scaling rule) or floats in [0, 1]."""
+    Images are uint8 (scaled to [0, 1] here, on the device, by the one scaling rule) or floats in [0, 1].
+    With ``state.ema``, the weights' moving average moves towards the new weights by 1 - ema_decay_at()."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
@@ -191,14 +210,26 @@ def train_step(state: TrainState, batch: dict, loss: str = "bce") -> tuple[Train
 
     (loss_value, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    if state.ema is not None:
+        new_weights = {"params": state.params, "batch_stats": state.batch_stats}
+        step_size = 1.0 - ema_decay_at(ema_decay, state.step)
+        state = state.replace(ema=optax.incremental_update(new_weights, state.ema, step_size))
     correct = ((logits >= 0) == (batch["label"] >= 0.5)).astype(jnp.float32)
     return state, {"loss": loss_value, "accuracy": jnp.mean(correct)}
 
 
+def model_variables(state: TrainState) -> dict:
+    """The weights a run validates, checkpoints as its model and exports: the moving average when the run
+    keeps one, else the trained weights."""
+    if state.ema is not None:
+        return state.ema
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
 def eval_step(state: TrainState, batch: dict, loss: str = "bce") -> dict:
-    """Inference-mode probabilities (real) and per-example losses for ``batch`` (images as in train_step)."""
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            as_model_input(batch["image"]), train=False)
+    """Inference-mode probabilities (real) and per-example losses for ``batch`` (images as in train_step),
+    from model_variables(state)."""
+    logits = state.apply_fn(model_variables(state), as_model_input(batch["image"]), train=False)
     return {"score": jax.nn.sigmoid(logits), "loss": per_example_loss(logits, batch["label"], loss)}
 
 
@@ -248,17 +279,25 @@ class DataParallel:
 
 
 def state_to_tree(state: TrainState) -> dict:
-    """The checkpointed part of a TrainState, split into the ``model`` and ``train`` items."""
-    return {
-        "model": {"params": state.params, "batch_stats": state.batch_stats},
-        "train": {"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
-    }
+    """The checkpointed part of a TrainState, split into the ``model`` item (model_variables: what loading
+    the checkpoint gives) and the ``train`` item (the rest; with weight averaging also the trained weights)."""
+    trained = {"params": state.params, "batch_stats": state.batch_stats}
+    tree = {"model": model_variables(state),
+            "train": {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}}
+    if state.ema is not None:
+        tree["train"]["weights"] = trained
+    return tree
 
 
 def tree_to_state(state: TrainState, tree: dict) -> TrainState:
     """``state`` with the values of a restored checkpoint tree."""
-    return state.replace(params=tree["model"]["params"], batch_stats=tree["model"]["batch_stats"],
-                         opt_state=tree["train"]["opt_state"], step=tree["train"]["step"], rng=tree["train"]["rng"])
+    train_item = tree["train"]
+    if state.ema is not None:
+        trained, ema = train_item["weights"], tree["model"]
+    else:
+        trained, ema = tree["model"], None
+    return state.replace(params=trained["params"], batch_stats=trained["batch_stats"], ema=ema,
+                         opt_state=train_item["opt_state"], step=train_item["step"], rng=train_item["rng"])
 
 
 def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None],
@@ -294,6 +333,20 @@ def restore_latest_good(manager, abstract_tree: dict, log: Callable[[str], None]
                 "trying the previous one")
     raise TrainingError(f"no readable checkpoint in {manager.directory} (steps {', '.join(map(str, steps))} are all "
                         "damaged); move that folder away to train from scratch")
+
+
+def _check_same_averaging(manager, ema_decay: float) -> None:
+    """A workdir resumes only with the weight averaging it was trained with (the checkpoints differ in layout)."""
+    steps = manager.all_steps()
+    if not steps:
+        return
+    try:
+        saved = checkpoints.read_metadata(manager, max(steps)).get("train_config", {}).get("ema_decay", 0.0)
+    except Exception:  # pylint: disable=broad-except  (unreadable metadata: the restore reports the checkpoint)
+        return
+    if saved != ema_decay:
+        raise TrainingError(f"--workdir {pathlib.Path(manager.directory).parent} was trained with --ema_decay={saved}, "
+                            f"not {ema_decay}; resume with the same setting or use another --workdir")
 
 
 class TrainingInterrupted(TrainingError):
@@ -573,6 +626,7 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
               val_batches: Callable[[], Iterator[dict]], log: Callable[[str], None],
               parallel: DataParallel, state: TrainState, manager) -> dict:
     abstract_tree = jax.tree_util.tree_map(np.asarray, state_to_tree(state))
+    _check_same_averaging(manager, config.ema_decay)
     restored = restore_latest_good(manager, abstract_tree, log, expected_model=config.model)
     events = _EventLog(workdir)
     if restored is not None:
@@ -586,7 +640,7 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
         "train_config": dataclasses.asdict(config), **run_metadata, "steps_per_epoch": steps_per_epoch,
         "library_versions": library_versions()})
 
-    jitted_train_step = jax.jit(lambda s, b: train_step(s, b, config.loss), donate_argnums=0)
+    jitted_train_step = jax.jit(lambda s, b: train_step(s, b, config.loss, config.ema_decay), donate_argnums=0)
     jitted_eval_step = jax.jit(lambda s, b: eval_step(s, b, config.loss))
     video_level = run_metadata.get("dataset") == "video"
 
@@ -677,13 +731,18 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
                     "learning_rate": float(learning_rate_schedule(config, total_steps)(step)),
                     "train_images_per_second": trained_steps * config.batch_size / max(train_seconds, 1e-9),
                 }
-                validation = val_batches()
-                try:
-                    epoch_metrics.update(evaluate(state, validation, parallel, config.batch_size, jitted_eval_step,
-                                                  models.get_model(config.model).input_shape, video_level))
-                finally:
-                    _release(validation)
-                    del validation
+                # With weight averaging the average is validated (val_*) and, for comparison, the trained
+                # weights too (raw_val_*).
+                for prefix, evaluated in [("", state)] + ([("raw_", state.replace(ema=None))] if state.ema is not None
+                                                         else []):
+                    validation = val_batches()
+                    try:
+                        result = evaluate(evaluated, validation, parallel, config.batch_size, jitted_eval_step,
+                                          models.get_model(config.model).input_shape, video_level)
+                    finally:
+                        _release(validation)
+                        del validation
+                    epoch_metrics.update({prefix + key: value for key, value in result.items()})
                 epoch_metrics["seconds"] = time.time() - started
                 save(step, epoch_metrics)
                 events.write(step, epoch_metrics)
@@ -706,7 +765,8 @@ def _progress(config: TrainConfig, total: int, initial: int, description: str):
 
 def format_epoch(epoch_metrics: dict) -> str:
     """One log line for an epoch's metrics."""
-    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_video_auc", "val_eer")
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_video_auc", "val_eer",
+            "raw_val_auc")
     parts = [f"{k}={epoch_metrics[k]:.4f}" for k in keys if isinstance(epoch_metrics.get(k), float)]
     return (f"epoch {epoch_metrics['epoch']} step {epoch_metrics['step']}: " + " ".join(parts)
             + f" ({epoch_metrics['train_images_per_second']:.0f} img/s, {epoch_metrics['seconds']:.0f} s)")

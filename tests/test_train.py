@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import jax
 import numpy as np
@@ -191,3 +192,51 @@ def test_init_checkpoint_starts_from_its_weights_and_must_be_the_same_model(tmp_
 def test_distillation_and_initialisation_settings_are_checked_up_front(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _config(**overrides)
+
+
+def test_weight_average_moves_towards_each_steps_weights() -> None:
+    spec = models.get_model("meso4")
+    config = _config(ema_decay=0.9, dropout_rate=0.0)
+    state = train.create_train_state(spec, config, total_steps=10)
+    assert train.create_train_state(spec, _config(), total_steps=10).ema is None  # off by default
+    step_fn = jax.jit(lambda s, b: train.train_step(s, b, "bce", config.ema_decay))
+    expected = jax.tree_util.tree_map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+    batches = _epoch_batches(0, 0)
+    for step in range(1, 4):
+        state, _ = step_fn(state, next(batches))
+        decay = min(0.9, (1 + step) / (10 + step))  # 0.18, 0.25, 0.31: the early-steps rule
+        trained = {"params": state.params, "batch_stats": state.batch_stats}
+        expected = jax.tree_util.tree_map(lambda old, new: decay * old + (1 - decay) * np.asarray(new), expected, trained)
+        for want, got in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(state.ema)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # What eval_step scores is the average, not the trained weights.
+    assert train.model_variables(state) is state.ema
+    images = {"image": VAL_IMAGES[:4], "label": VAL_LABELS[:4]}
+    averaged = train.eval_step(state, images)["score"]
+    np.testing.assert_allclose(averaged, jax.nn.sigmoid(state.apply_fn(state.ema, scale_to_unit(VAL_IMAGES[:4]))),
+                               rtol=1e-5)
+    assert not np.allclose(averaged, train.eval_step(state.replace(ema=None), images)["score"])
+
+
+def test_weight_averaged_run_checkpoints_the_average_and_resumes_exactly(tmp_path) -> None:
+    run_metadata = {"dataset": "image", "preprocessing": {"resize": "nearest", "face_detector": "none"}}
+
+    def run(workdir, epochs: int, ema_decay: float = 0.9) -> dict:
+        return train.fit(_config(epochs=epochs, ema_decay=ema_decay), workdir, STEPS_PER_EPOCH, run_metadata,
+                         _epoch_batches, _val_batches, log=lambda message: None)
+
+    straight = run(tmp_path / "straight", epochs=2)
+    assert {"val_auc", "raw_val_auc", "raw_val_loss"} <= set(straight)
+    assert straight["val_loss"] != straight["raw_val_loss"]
+    run(tmp_path / "resumed", epochs=1)
+    assert run(tmp_path / "resumed", epochs=2) == {**straight, "seconds": mock.ANY,
+                                                   "train_images_per_second": mock.ANY}
+    # The workdir's model (what load_model and export give) is the average; it resumed bit for bit.
+    straight_model = checkpoints.load_model(tmp_path / "straight").variables
+    resumed_model = checkpoints.load_model(tmp_path / "resumed").variables
+    for want, got in zip(jax.tree_util.tree_leaves(straight_model), jax.tree_util.tree_leaves(resumed_model)):
+        np.testing.assert_array_equal(want, got)
+    with pytest.raises(train.TrainingError, match=r"trained with --ema_decay=0.9, not 0.0"):
+        run(tmp_path / "resumed", epochs=3, ema_decay=0.0)
+    with pytest.raises(ValueError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
+        _config(ema_decay=1.0)
