@@ -26,6 +26,7 @@ formulation is slow; training uses fast_training's fused block, which has its ow
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import jax
@@ -126,10 +127,15 @@ def meso4_inference_fn(variables: dict) -> Callable[[jax.Array], jax.Array]:
     return lambda images_bhwc: meso4_logits(bound, jax.device_put(images_bhwc, device))
 
 
+def enabled() -> bool:
+    """Use this path wherever it supports the model, unless the environment sets MESO_JAX_FAST_INFERENCE=0."""
+    return os.environ.get("MESO_JAX_FAST_INFERENCE", "1") != "0"
+
+
 def supports(model_name: str, input_shape: tuple[int, ...]) -> bool:
     """Whether the fast path computes ``model_name`` on inputs of ``input_shape`` (no batch dim)."""
     return (model_name == "meso4" and len(input_shape) == 3 and input_shape[2] == 3
             and input_shape[0] % 64 == 0 and input_shape[1] % 64 == 0)
 
 
-__all__ = ["meso4_forward", "meso4_inference_fn", "supports"]
+__all__ = ["enabled", "meso4_forward", "meso4_inference_fn", "supports"]

@@ -96,7 +96,7 @@ class Scorer:
         ``flip_average``: score each input as the mean of the model's logits for it and for its mirror
         image (left-right), twice the model's work; the models were trained with random flips."""
         if fast_path is None:
-            fast_path = os.environ.get("MESO_JAX_FAST_INFERENCE", "1") != "0"
+            fast_path = fast_inference.enabled()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.spec = models.get_model(loaded_model.model_name)

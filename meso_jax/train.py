@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.preprocessing import as_model_input
-from meso_jax import checkpoints, fast_training, keras_import, metrics, models, onednn
+from meso_jax import checkpoints, fast_inference, fast_training, keras_import, metrics, models, onednn
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
 INPUT_PIPELINES = ("tfdata", "memory")
@@ -226,10 +226,14 @@ def model_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def eval_step(state: TrainState, batch: dict, loss: str = "bce") -> dict:
+def eval_step(state: TrainState, batch: dict, loss: str = "bce", fast_meso4: bool = False) -> dict:
     """Inference-mode probabilities (real) and per-example losses for ``batch`` (images as in train_step),
-    from model_variables(state)."""
-    logits = state.apply_fn(model_variables(state), as_model_input(batch["image"]), train=False)
+    from model_variables(state). ``fast_meso4``: compute Meso-4 with fast_inference, the scanner's path
+    (the same scores to float32 rounding, ~2.5x faster on a CPU)."""
+    if fast_meso4:
+        logits = fast_inference.meso4_forward(model_variables(state), batch["image"])
+    else:
+        logits = state.apply_fn(model_variables(state), as_model_input(batch["image"]), train=False)
     return {"score": jax.nn.sigmoid(logits), "loss": per_example_loss(logits, batch["label"], loss)}
 
 
@@ -641,7 +645,10 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
         "library_versions": library_versions()})
 
     jitted_train_step = jax.jit(lambda s, b: train_step(s, b, config.loss, config.ema_decay), donate_argnums=0)
-    jitted_eval_step = jax.jit(lambda s, b: eval_step(s, b, config.loss))
+    # Meso-4 is validated as the scanner scores it (fast_inference), the others with their module.
+    fast_meso4 = fast_inference.enabled() and fast_inference.supports(config.model,
+                                                                      models.get_model(config.model).input_shape)
+    jitted_eval_step = jax.jit(lambda s, b: eval_step(s, b, config.loss, fast_meso4))
     video_level = run_metadata.get("dataset") == "video"
 
     def save(step: int, epoch_metrics: dict | None) -> None:

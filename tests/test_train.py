@@ -240,3 +240,15 @@ def test_weight_averaged_run_checkpoints_the_average_and_resumes_exactly(tmp_pat
         run(tmp_path / "resumed", epochs=3, ema_decay=0.0)
     with pytest.raises(ValueError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
         _config(ema_decay=1.0)
+
+
+def test_meso4_is_validated_with_the_scanners_fast_path_to_float32_rounding() -> None:
+    spec = models.get_model("meso4")
+    state = train.create_train_state(spec, _config(dropout_rate=0.0), total_steps=10)
+    state, _ = jax.jit(train.train_step)(state, next(_epoch_batches(0, 0)))  # BatchNorm statistics off 0/1
+    batch = {"image": VAL_IMAGES[:8], "label": VAL_LABELS[:8]}
+    fast = jax.jit(lambda s, b: train.eval_step(s, b, "bce", fast_meso4=True))(state, batch)
+    plain = jax.jit(lambda s, b: train.eval_step(s, b, "bce", fast_meso4=False))(state, batch)
+    np.testing.assert_allclose(fast["score"], plain["score"], atol=1e-5)
+    np.testing.assert_allclose(fast["loss"], plain["loss"], atol=1e-5)
+    assert not np.allclose(plain["score"], plain["score"][0])  # the images get different scores
