@@ -198,30 +198,42 @@ def test_faces_found_in_a_synthetic_video_of_a_real_face(tmp_path, shared_dir):
     assert image_samples.kind == "image" and image_samples.inputs_bhwc.shape == (1, 256, 256, 3)
 
 
-def test_previous_face_narrows_the_search_and_the_full_search_remains(shared_dir):
+def test_previous_face_narrows_the_search_to_its_region_and_the_full_search_remains(shared_dir):
     face_rgb = cv2.cvtColor(cv2.imread(str(shared_dir / "mesonet/test_images/real/real00240.jpg")), cv2.COLOR_BGR2RGB)
-    both = np.full((360, 480, 3), 40, np.uint8)
+    both = np.full((360, 480, 3), 40, np.uint8)  # at most 480 px: detection runs at full size
     both[60:220, 20:180] = cv2.resize(face_rgb, (160, 160))
     both[220:290, 340:410] = cv2.resize(face_rgb, (70, 70))
     small_only = both.copy()
     small_only[:250, :250] = 40
     detector = HaarFaceDetector()
-    searched_min_sides = []
+    searches = []  # (searched image's height and width, minimum face side)
     cascade = detector._cascade()  # pylint: disable=protected-access
 
     class CountingCascade:
         def detectMultiScale(self, gray, **kwargs):  # noqa: N802 (OpenCV's name)
-            searched_min_sides.append(kwargs["minSize"][0])
+            searches.append((gray.shape, kwargs["minSize"][0]))
             return cascade.detectMultiScale(gray, **kwargs)
 
     detector._local.cascade = CountingCascade()  # pylint: disable=protected-access
     big = detector.detect(both)
-    assert big is not None and big[2] > 120 and searched_min_sides == [36]  # 0.1 x 360
+    assert big is not None and big[2] > 120 and searches == [((360, 480), 36)]  # whole frame, faces >= 0.1 x 360
+    small = detector.detect(small_only)
+    assert small is not None and small[0] > 300 and small[2] < 100
+
+    searches.clear()
     narrowed = detector.detect(both, previous_box=big)
-    assert searched_min_sides[1:] == [round(0.6 * big[2])]  # one search, for faces >= 0.6 x the previous
+    (region_shape, region_min_side), = searches  # one search: the region around the previous face
+    assert region_min_side == round(0.6 * big[2]) and region_shape[0] * region_shape[1] < 0.8 * 360 * 480
     assert abs(narrowed[0] - big[0]) < 0.1 * big[2] and abs(narrowed[2] - big[2]) < 0.1 * big[2]
-    small = detector.detect(small_only, previous_box=big)  # none that large: the full search finds it
-    assert small is not None and small[0] > 300 and searched_min_sides[2:] == [round(0.6 * big[2]), 36]
+
+    searches.clear()  # the region search follows the face it was shown, not the larger one elsewhere
+    followed = detector.detect(both, previous_box=small)
+    assert len(searches) == 1 and abs(followed[0] - small[0]) < 0.2 * small[2]
+
+    searches.clear()  # no face near the previous one: the whole frame is searched over all sizes
+    found = detector.detect(small_only, previous_box=big)
+    assert found is not None and found[0] > 300 and [s for _, s in searches] == [round(0.6 * big[2]), 36]
+    assert searches[1][0] == (360, 480)
 
 
 def test_real_dev_clips_yield_face_crops(shared_dir):
