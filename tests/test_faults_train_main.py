@@ -159,15 +159,14 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_ends_like_an_uninterrupted_
 
 
 def test_nan_loss_is_one_line_with_the_step_and_the_last_good_checkpoint(tmp_path, data_dir, env):
-    started = time.time()
     process = _launch(2, 0.0, f"--data_dir={data_dir}", f"--workdir={tmp_path}", *TRAIN_FLAGS, env=env)
-    _, stderr = process.communicate(timeout=240)
+    # It exits (no tf.data iterator left to hang the interpreter): communicate() raises if it does not.
+    _, stderr = process.communicate(timeout=600)
     assert process.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr
     assert re.fullmatch(r"train_main: error: loss became nan at step 3; stopped; the last good checkpoint "
                         r"\(step 2\) is kept in .*checkpoints", _last_line(stderr)), _last_line(stderr)
     assert _steps(tmp_path) == [2]
-    assert time.time() - started < 200  # and it exits: no tf.data iterator left to hang the interpreter
 
 
 def test_a_disk_filling_up_mid_training_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, env):
@@ -251,11 +250,14 @@ def test_setup_errors_are_one_line_before_any_training(tmp_path, data_dir, monke
 def test_unwritable_output_is_one_line_exit_2_before_loading_anything(tmp_path, data_dir, script, flag):
     (tmp_path / "a_file").write_text("x")
     path_flag = f"--path={data_dir}"
-    started = time.time()
+    # Answered before JAX (or a model) is even imported: here importing it fails.
+    poisoned = tmp_path / "poisoned_imports" / "jax"
+    poisoned.mkdir(parents=True)
+    (poisoned / "__init__.py").write_text("raise ImportError('jax was imported before the output was checked')\n")
+    env = dict(os.environ, PYTHONPATH=str(poisoned.parent))
     result = subprocess.run([sys.executable, str(REPO_ROOT / script), path_flag, flag], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120, check=False)
+                            capture_output=True, text=True, timeout=120, check=False, env=env)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Not a directory" in result.stderr, result.stderr
     assert result.stderr.startswith(f"{script[:-3]}: {flag.split('=')[0]} a_file/")
     assert result.stdout == ""
-    assert time.time() - started < 60  # answered before JAX or a model is even imported
