@@ -14,13 +14,14 @@ from data_pipelines.preprocessing import Preprocessing
 from meso_jax import checkpoints, models, scoring
 
 
-# Shipped directory -> (model name, trainable parameters). "ensemble" is the opt-in five-network ensemble.
+# Shipped directory -> (model name, trainable parameters). "ensemble" (five networks) and "meso4_pair" are opt-in.
 SHIPPED = {
     "meso4": ("meso4", 27_977),
     "meso4_v6": ("meso4", 27_977),
     "mesoinception4": ("mesoinception4", 28_615),
     "ensemble": (models.ensemble_name(["meso4", "mesoinception4", "mesoinception4", "meso4", "meso4"]),
                  3 * 27_977 + 2 * 28_615),
+    "meso4_pair": (models.ensemble_name(["meso4", "meso4"]), 2 * 27_977),  # the default and v6, opt-in
 }
 SINGLE_NETWORKS = ("meso4", "meso4_v6", "mesoinception4")
 
@@ -64,7 +65,7 @@ def test_shipped_model_loads_with_its_metadata(name: str) -> None:
 # 0.9120 there). Meso-4's fast path scores the whole split.
 @pytest.mark.parametrize("name, stride, expected_auc", [("meso4", 1, None), ("meso4_v6", 1, None),
                                                          ("mesoinception4", 10, 0.8414161),
-                                                         ("ensemble", 10, 0.8705036)])
+                                                         ("ensemble", 10, 0.8705036), ("meso4_pair", 1, None)])
 def test_shipped_model_reproduces_its_validation_auc(shared_dir, name: str, stride: int,
                                                      expected_auc: float | None) -> None:
     """The checkpoint is the one its metadata (and the model card) describe: the validation AUC comes
