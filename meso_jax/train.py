@@ -740,8 +740,10 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
                 }
                 # With weight averaging the average is validated (val_*) and, for comparison, the trained
                 # weights too (raw_val_*).
-                for prefix, evaluated in [("", state)] + ([("raw_", state.replace(ema=None))] if state.ema is not None
-                                                         else []):
+                states_by_prefix = {"": state}
+                if state.ema is not None:
+                    states_by_prefix["raw_"] = state.replace(ema=None)
+                for prefix, evaluated in states_by_prefix.items():
                     validation = val_batches()
                     try:
                         result = evaluate(evaluated, validation, parallel, config.batch_size, jitted_eval_step,
