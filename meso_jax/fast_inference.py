@@ -127,15 +127,49 @@ def meso4_inference_fn(variables: dict) -> Callable[[jax.Array], jax.Array]:
     return lambda images_bhwc: meso4_logits(bound, jax.device_put(images_bhwc, device))
 
 
+def ensemble_forward(member_names: tuple[str, ...], variables: dict, images_bhwc: jax.Array) -> jax.Array:
+    """models.MesoEnsemble's logits (the mean of its members'), its Meso-4 members computed with
+    meso4_forward and the others with their Flax module, inference mode. Traceable; jit it."""
+    logits = []
+    for index, name in enumerate(member_names):
+        member = {"params": variables["params"][f"member_{index}"],
+                  "batch_stats": variables["batch_stats"][f"member_{index}"]}
+        if name == "meso4":
+            logits.append(meso4_forward(member, images_bhwc))
+        else:
+            logits.append(models.get_model(name).module.apply(member, preprocessing.as_model_input(images_bhwc),
+                                                              train=False))
+    return jnp.mean(jnp.stack(logits), axis=0)
+
+
+@functools.cache
+def logits_function(model_name: str) -> Callable[[dict, jax.Array], jax.Array]:
+    """The compiled ``(variables, images_bhwc) -> logits`` of this path for a model it supports (one per
+    model name, shared by every caller)."""
+    if model_name == "meso4":
+        return meso4_logits
+    return jax.jit(functools.partial(ensemble_forward, _ensemble_members(model_name)))
+
+
+def _ensemble_members(model_name: str) -> tuple[str, ...] | None:
+    """The member names of an ensemble's model name, None for any other model."""
+    if not model_name.startswith(models.ENSEMBLE_PREFIX):
+        return None
+    return models.get_model(model_name).module.member_names
+
+
 def enabled() -> bool:
     """Use this path wherever it supports the model, unless the environment sets MESO_JAX_FAST_INFERENCE=0."""
     return os.environ.get("MESO_JAX_FAST_INFERENCE", "1") != "0"
 
 
 def supports(model_name: str, input_shape: tuple[int, ...]) -> bool:
-    """Whether the fast path computes ``model_name`` on inputs of ``input_shape`` (no batch dim)."""
-    return (model_name == "meso4" and len(input_shape) == 3 and input_shape[2] == 3
+    """Whether the fast path computes ``model_name`` on inputs of ``input_shape`` (no batch dim): Meso-4,
+    or an ensemble with Meso-4 members (its other members run their module)."""
+    members = _ensemble_members(model_name)
+    has_meso4 = model_name == "meso4" or (members is not None and "meso4" in members)
+    return (has_meso4 and len(input_shape) == 3 and input_shape[2] == 3
             and input_shape[0] % 64 == 0 and input_shape[1] % 64 == 0)
 
 
-__all__ = ["enabled", "meso4_forward", "meso4_inference_fn", "supports"]
+__all__ = ["enabled", "ensemble_forward", "logits_function", "meso4_forward", "meso4_inference_fn", "supports"]

@@ -116,8 +116,8 @@ class Scorer:
         module = self.spec.module
         self.uses_fast_path = fast_path and fast_inference.supports(self.spec.name, self.spec.input_shape)
         if self.uses_fast_path:
-            # One shared compiled forward per batch shape and dtype.
-            self._logits_fn = fast_inference.meso4_logits
+            # One shared compiled forward per model, batch shape and dtype.
+            self._logits_fn = fast_inference.logits_function(self.spec.name)
         else:
             self._logits_fn = jax.jit(lambda variables, inputs: module.apply(variables, as_model_input(inputs),
                                                                               train=False))

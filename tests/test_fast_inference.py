@@ -16,10 +16,10 @@ from meso_jax import checkpoints, fast_inference, keras_import, models, scoring
 BATCH = 4  # one compiled shape for every test in this file
 
 
-def _random_variables(seed: int) -> dict:
-    """Random Meso-4 variables (numpy, no init compile) with non-trivial BatchNorm: running
+def _random_variables(seed: int, model_name: str = "meso4") -> dict:
+    """Random variables of ``model_name`` (numpy, no init compile) with non-trivial BatchNorm: running
     statistics, and scales of both signs (the fast path folds BatchNorm past the max-pool)."""
-    shapes = jax.eval_shape(lambda: models.init_variables(models.get_model("meso4"), 0))
+    shapes = jax.eval_shape(lambda: models.init_variables(models.get_model(model_name), 0))
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf) -> np.ndarray:
@@ -84,6 +84,19 @@ def test_scorer_uses_fast_path_for_meso4_with_same_scores() -> None:
     expected = 1 / (1 + np.exp(-np.concatenate([_reference_logits(variables, padded[:BATCH]),
                                                 _reference_logits(variables, padded[BATCH:])])))
     np.testing.assert_allclose(fast_scorer.score(images), expected[:BATCH + 1], atol=1e-6, rtol=0)
+
+
+def test_ensembles_with_meso4_members_take_the_fast_path_with_the_same_scores() -> None:
+    name = models.ensemble_name(["meso4", "mesoinception4", "meso4"])
+    variables = _random_variables(seed=6, model_name=name)
+    loaded = checkpoints.LoadedModel(name, variables, {}, {})
+    fast_scorer, plain_scorer = (scoring.Scorer(loaded, batch_size=BATCH, fast_path=fast) for fast in (True, False))
+    assert fast_scorer.uses_fast_path and not plain_scorer.uses_fast_path
+    assert not fast_inference.supports(models.ensemble_name(["mesoinception4", "mesoinception4"]), (256, 256, 3))
+    images = np.random.default_rng(2).integers(0, 256, (BATCH, 256, 256, 3), dtype=np.uint8)
+    expected = plain_scorer.score(images)
+    assert np.ptp(expected) > 1e-3  # the images get different scores
+    np.testing.assert_allclose(fast_scorer.score(images), expected, atol=1e-5, rtol=0)
 
 
 def test_flip_average_is_the_mean_logit_of_the_image_and_its_mirror() -> None:
