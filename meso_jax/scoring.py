@@ -91,8 +91,9 @@ class Scorer:
 
     def __init__(self, loaded_model: checkpoints.LoadedModel, batch_size: int, fast_path: bool | None = None,
                  flip_average: bool = False):
-        """``fast_path``: compute Meso-4 with meso_jax.fast_inference (same scores to ~1e-6, ~2.5x
-        faster on CPU); default on unless the environment sets MESO_JAX_FAST_INFERENCE=0.
+        """``fast_path``: compute Meso-4, and the Meso-4 members of an ensemble, with meso_jax.fast_inference
+        (same scores to ~1e-6, ~2.5x faster on CPU); default on unless the environment sets
+        MESO_JAX_FAST_INFERENCE=0.
         ``flip_average``: score each input as the mean of the model's logits for it and for its mirror
         image (left-right), twice the model's work; the models were trained with random flips."""
         if fast_path is None:
