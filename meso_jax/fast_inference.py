@@ -13,11 +13,14 @@ max-pool p" block without a convolution op:
 * BatchNorm folding. With s = gamma / sqrt(var + eps) and t = beta - mean * s (running statistics),
   ``relu(z) * s + t`` is monotone per channel (increasing if s >= 0, decreasing if s < 0), so
   max over phases of it equals ``relu(m) * s + t`` where m is the max (s >= 0) or min (s < 0) of
-  the raw conv outputs over the phases: the BatchNorm is applied once, after pooling.
+  the raw conv outputs over the phases: the BatchNorm is applied once, after pooling. Kernel and bias
+  are multiplied by -1 for the channels that need the minimum (min(z) = -max(-z), exactly), so one
+  maximum per window serves every channel, in every block.
 
 The later blocks (8-16 channels) use a convolution (oneDNN's where meso_jax.onednn is on, else
 XLA's), both faster than the phased sum there (benchmarks/layer_breakdown.py); phasing blocks 1-3
-also made a 15x larger program, 1 s more tracing and 4 s more compiling at start-up. The result
+also made a 15x larger program, 1 s more tracing and 4 s more compiling at start-up. Their pooling is
+a maximum of strided slices, and the bias is added after it. The result
 equals ``models.get_model("meso4").module.apply(variables, x, train=False)`` to float32 rounding
 (sums in a different order; |difference| ~1e-6 on logits). Inference only: the autodiff of this
 formulation is slow; training uses fast_training's fused block, which has its own gradient.
@@ -53,29 +56,36 @@ def _fold_batch_norm(params: dict, stats: dict) -> tuple[jax.Array, jax.Array]:
     return scale, shift
 
 
-def _relu_bn_after_pool(pooled_max: jax.Array, pooled_min: jax.Array, scale: jax.Array,
-                        shift: jax.Array) -> jax.Array:
-    """max over a pooling window of relu(z) * scale + shift, from the window's max and min of z."""
-    extreme = jnp.where(scale >= 0, pooled_max, pooled_min)
+def _window_sign(scale: jax.Array) -> jax.Array:
+    """+1 for channels whose pooled output comes from the window's maximum conv output (BatchNorm scale
+    >= 0), -1 for those that need its minimum: with kernel and bias multiplied by it, max(-z) = -min(z)
+    serves both, one maximum per window."""
+    return jnp.where(scale >= 0, 1.0, -1.0).astype(scale.dtype)
+
+
+def _relu_bn(extreme: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    """relu(z) * scale + shift at each window's extreme z (max over a window of the block's output)."""
     return jnp.maximum(extreme, 0.0) * scale + shift
 
 
 def _phased_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,
                   pool: int) -> jax.Array:
     """conv(SAME)+bias -> ReLU -> BatchNorm(folded) -> max-pool(pool), without a conv op (NHWC)."""
-    phases = fast_training.pool_phase_conv(x, kernel, bias, pool)
-    return _relu_bn_after_pool(functools.reduce(jax.lax.max, phases), functools.reduce(jax.lax.min, phases),
-                               scale, shift)
+    sign = _window_sign(scale)
+    phases = fast_training.pool_phase_conv(x, kernel * sign, bias * sign, pool)
+    return _relu_bn(functools.reduce(jax.lax.max, phases) * sign, scale, shift)
 
 
 def _conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,
                 pool: int) -> jax.Array:
-    """The same block with a convolution (oneDNN's or XLA's) and reduce_window (for the later layers)."""
-    z = onednn.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
-    window = (1, pool, pool, 1)
-    pooled_max = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, window, window, "VALID")
-    pooled_min = jax.lax.reduce_window(z, jnp.inf, jax.lax.min, window, window, "VALID")
-    return _relu_bn_after_pool(pooled_max, pooled_min, scale, shift)
+    """The same block with a convolution (oneDNN's or XLA's), for the later layers. The bias is added
+    after pooling: max(c + b) = max(c) + b, exactly (rounding is monotone). The pooling is a maximum of
+    strided slices, which XLA fuses into one pass (its reduce_window ran 2-3x slower here)."""
+    sign = _window_sign(scale)
+    conv = onednn.conv_general_dilated(x, kernel * sign, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    window_max = functools.reduce(jax.lax.max, [conv[:, dy::pool, dx::pool, :]
+                                                for dy in range(pool) for dx in range(pool)])
+    return _relu_bn(window_max * sign + bias, scale, shift)
 
 
 def meso4_forward(variables: dict, images_bhwc: jax.Array) -> jax.Array:

@@ -33,7 +33,10 @@ def _compiled(fn, use_onednn: bool, *args):
 
 @pytest.mark.parametrize("batch,height,width,in_channels,out_channels,kernel_size,dilation", [
     (3, 16, 19, 3, 8, 3, 1),   # Meso-4's first layer, odd width
-    (2, 12, 12, 8, 8, 5, 1),   # 5x5 layers
+    (2, 12, 12, 8, 8, 5, 1),   # 5x5 layers; 8 -> 8 channels run on column pairs
+    (2, 11, 14, 8, 8, 3, 1),   # column pairs with other kernel sizes
+    (2, 6, 10, 8, 8, 1, 1),
+    (2, 12, 13, 8, 8, 5, 1),   # odd width: no column pairs
     (2, 17, 16, 2, 4, 3, 2),   # MesoInception-4's dilated branches
     (2, 16, 16, 4, 2, 3, 3),
     (2, 9, 9, 5, 7, 1, 1),     # 1x1
@@ -60,6 +63,24 @@ def test_convolution_and_both_gradients_match_xla(backend, batch, height, width,
     for name, got, want in zip(("y", "grad_x", "grad_kernel"), ours(x, kernel), expected):
         scale = float(np.max(np.abs(want)))
         assert float(np.max(np.abs(np.asarray(got) - np.asarray(want)))) <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("width,kernel_size,paired_kernel", [(12, 5, "f32[5,3,16,16]"), (12, 3, "f32[3,3,16,16]"),
+                                                             (13, 5, None)])
+def test_eight_channel_convolutions_run_on_column_pairs_where_the_width_is_even(backend, width, kernel_size,
+                                                                                 paired_kernel):
+    """oneDNN computes 16 channels at a time: 8 -> 8 convolutions run as 16 -> 16 on pairs of columns."""
+    x = np.zeros((2, 8, width, 8), np.float32)
+    kernel = np.zeros((kernel_size, kernel_size, 8, 8), np.float32)
+    conv = lambda x, kernel: onednn.conv_general_dilated(x, kernel, (1, 1), "SAME",  # noqa: E731
+                                                         dimension_numbers=_DIMENSIONS)
+    text = _compiled(jax.grad(lambda x, kernel: jnp.sum(conv(x, kernel)), (0, 1)), True, x, kernel).as_text()
+    calls = [line for line in text.splitlines() if "custom_call_target=\"MesoOnednnConv" in line]
+    assert len(calls) == 2  # both gradients (the forward's value is unused)
+    if paired_kernel:
+        assert all(paired_kernel in line for line in calls)
+    else:
+        assert not any("16]" in line for line in calls)
 
 
 def test_both_gradients_repeatedly_in_one_program(backend):
