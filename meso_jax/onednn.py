@@ -8,7 +8,9 @@ through XLA's FFI: ``onednn_conv.cc`` is compiled on first use against the oneDN
 (``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``, in requirements.txt for Linux x86-64) and jaxlib's
 FFI headers, and kept under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/onednn. The same library offers
 ``materialize``, a pass-through call that makes XLA compute a value once instead of inside each of
-its consumers.
+its consumers, and the fused training kernels of Meso-4's first block (``first_block.cc``, used by
+meso_jax.fast_training through ``native_call``). It is compiled for the CPU it runs on
+(``-march=native``; the cache is kept per CPU).
 
 Optional: when the library or a C++ compiler is missing, or the build fails, a one-line message says
 why and XLA's convolution is used (same results to float32 rounding). ``MESO_JAX_ONEDNN=0`` turns it
@@ -38,11 +40,12 @@ from absl import logging
 
 from meso_jax.user_cache import cache_root
 
-_SOURCE = Path(__file__).with_name("onednn_conv.cc")
+_SOURCES = (Path(__file__).with_name("onednn_conv.cc"), Path(__file__).with_name("first_block.cc"))
 _LIBRARY_DISTRIBUTION, _HEADERS_DISTRIBUTION = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS = (
     "MesoOnednnConvForward", "MesoOnednnConvBackwardData", "MesoOnednnConvBackwardWeights")
 _MATERIALIZE = "MesoMaterialize"
+FIRST_BLOCK_FORWARD, FIRST_BLOCK_BACKWARD = "MesoFirstBlockForward", "MesoFirstBlockBackward"
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -62,6 +65,10 @@ def _distribution_file(distribution: str, suffix: str) -> Path:
     raise BackendUnavailable(f"the {distribution} package has no {suffix}")
 
 
+def _source_names() -> str:
+    return ", ".join(source.name for source in _SOURCES)
+
+
 def _build(library: Path, include_dir: Path, library_dir: Path) -> None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
@@ -70,17 +77,26 @@ def _build(library: Path, include_dir: Path, library_dir: Path) -> None:
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:
             output = Path(build_dir) / library.name
-            command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-                       f"-I{include_dir}", str(_SOURCE), "-o", str(output), f"-L{library_dir}", "-ldnnl",
-                       f"-Wl,-rpath,{library_dir}"]
+            command = [compiler, "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
+                       f"-I{jax.ffi.include_dir()}", f"-I{include_dir}", *map(str, _SOURCES), "-o", str(output),
+                       f"-L{library_dir}", "-ldnnl", f"-Wl,-rpath,{library_dir}"]
             result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
             if result.returncode != 0:
                 first_error = next((line for line in result.stderr.splitlines() if "error" in line),
                                    result.stderr.strip()[:200])
-                raise BackendUnavailable(f"building {_SOURCE.name} failed: {first_error}")
+                raise BackendUnavailable(f"building {_source_names()} failed: {first_error}")
             os.replace(output, library)  # atomic: concurrent builders each install a complete file
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise BackendUnavailable(f"building {_SOURCE.name} failed: {error}") from None
+        raise BackendUnavailable(f"building {_source_names()} failed: {error}") from None
+
+
+def _cpu_features() -> bytes:
+    """What -march=native compiles for (the CPU's model and instruction-set flags), for the cache key."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))})).encode()
 
 
 @functools.cache
@@ -89,8 +105,9 @@ def _load() -> None:
     header = _distribution_file(_HEADERS_DISTRIBUTION, "oneapi/dnnl/dnnl.hpp")
     shared_object = _distribution_file(_LIBRARY_DISTRIBUTION, "lib/libdnnl.so")
     key = hashlib.sha256(b"\0".join([
-        _SOURCE.read_bytes(), jax.ffi.include_dir().encode(), importlib.metadata.version("jaxlib").encode(),
-        importlib.metadata.version(_LIBRARY_DISTRIBUTION).encode(), str(shared_object).encode()])).hexdigest()[:16]
+        *(source.read_bytes() for source in _SOURCES), jax.ffi.include_dir().encode(),
+        importlib.metadata.version("jaxlib").encode(), importlib.metadata.version(_LIBRARY_DISTRIBUTION).encode(),
+        str(shared_object).encode(), _cpu_features()])).hexdigest()[:16]
     library = cache_root() / "onednn" / key / "libmeso_onednn.so"
     if not library.exists():
         _build(library, header.parents[2], shared_object.parent)
@@ -98,7 +115,8 @@ def _load() -> None:
         handle = ctypes.cdll.LoadLibrary(str(library))
     except OSError as error:
         raise BackendUnavailable(f"loading {library} failed: {error}") from None
-    for target in (_FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS, _MATERIALIZE):
+    for target in (_FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS, _MATERIALIZE, FIRST_BLOCK_FORWARD,
+                   FIRST_BLOCK_BACKWARD):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
 
 
@@ -157,6 +175,13 @@ def materialize(x: jax.Array) -> jax.Array:
 @materialize.defjvp
 def _materialize_jvp(primals, tangents):
     return materialize(primals[0]), tangents[0]
+
+
+def native_call(target: str, result_shapes: tuple[jax.ShapeDtypeStruct, ...], *operands: jax.Array
+                ) -> tuple[jax.Array, ...]:
+    """Calls one of the library's other FFI targets (e.g. FIRST_BLOCK_FORWARD) on float32 operands."""
+    _load()
+    return jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")(*operands)
 
 
 def _call(target: str, result_shape: tuple[int, ...], dilation: int, *operands: jax.Array) -> jax.Array:
