@@ -106,10 +106,10 @@ def _native_forward(x_bhwc, kernel, bias, scale, offset, epsilon):
     selected activation and its position, and the sums for the batch statistics."""
     batch, height, width, _ = x_bhwc.shape
     pooled_shape = jax.ShapeDtypeStruct((batch, height // 2, width // 2, kernel.shape[3]), jnp.float32)
+    sums_shape = jax.ShapeDtypeStruct((2, kernel.shape[3]), jnp.float32)
     sign = jnp.where(scale >= 0, 1.0, -1.0).astype(jnp.float32)  # the sign of scale * inv_std
-    selected, winner, sums = onednn.native_call(
-        onednn.FIRST_BLOCK_FORWARD, (pooled_shape, pooled_shape, jax.ShapeDtypeStruct((2, kernel.shape[3]), jnp.float32)),
-        x_bhwc, kernel, bias, sign)
+    selected, winner, sums = onednn.native_call(onednn.FIRST_BLOCK_FORWARD, (pooled_shape, pooled_shape, sums_shape),
+                                                x_bhwc, kernel, bias, sign)
     count = batch * height * width
     mean, mean_of_squares = sums[0] / count, sums[1] / count
     var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
