@@ -222,21 +222,21 @@ _COLUMN_PAIRED_CHANNELS = 8
 def _column_pair_kernel(kernel_hwio: jax.Array) -> jax.Array:
     """The kernel of the same SAME, stride-1 convolution on column pairs: an input (B, H, W, Cin) read as
     (B, H, W/2, 2*Cin) and an output (B, H, W/2, 2*Cout), channel index = column parity * C + channel.
-    (k, k, Cin, Cout) with k odd -> (k, 2*r + 1, 2*Cin, 2*Cout), r = ((k - 1) // 2 + 1) // 2: output
-    column 2j + po reads input column 2(j + q) + pi with kernel column kx = 2q + pi - po + (k - 1) // 2,
+    (kh, kw, Cin, Cout) with kw odd -> (kh, 2*r + 1, 2*Cin, 2*Cout), r = ((kw - 1) // 2 + 1) // 2: output
+    column 2j + po reads input column 2(j + q) + pi with kernel column kx = 2q + pi - po + (kw - 1) // 2,
     zero where that falls outside the kernel. Built by a 0/1 selection (exact; its gradient sums the
     copies of each kernel entry)."""
-    k, _, in_channels, out_channels = kernel_hwio.shape
-    half, reach = (k - 1) // 2, ((k - 1) // 2 + 1) // 2
-    selection = np.zeros((2 * reach + 1, k, 2, 2), np.float32)  # [pair tap, kernel column, pi, po]
+    kernel_h, kernel_w, in_channels, out_channels = kernel_hwio.shape
+    half, reach = (kernel_w - 1) // 2, ((kernel_w - 1) // 2 + 1) // 2
+    selection = np.zeros((2 * reach + 1, kernel_w, 2, 2), np.float32)  # [pair tap, kernel column, pi, po]
     for pair_tap in range(2 * reach + 1):
         for in_parity in range(2):
             for out_parity in range(2):
                 column = 2 * (pair_tap - reach) + in_parity - out_parity + half
-                if 0 <= column < k:
+                if 0 <= column < kernel_w:
                     selection[pair_tap, column, in_parity, out_parity] = 1.0
     paired = jnp.einsum("yxio,qxpr->yqpiro", kernel_hwio, selection)
-    return paired.reshape(k, 2 * reach + 1, 2 * in_channels, 2 * out_channels)
+    return paired.reshape(kernel_h, 2 * reach + 1, 2 * in_channels, 2 * out_channels)
 
 
 def _column_pairs_pay(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:

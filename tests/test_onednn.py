@@ -83,6 +83,19 @@ def test_eight_channel_convolutions_run_on_column_pairs_where_the_width_is_even(
         assert not any("16]" in line for line in calls)
 
 
+@pytest.mark.parametrize("kernel_h,kernel_w", [(3, 5), (4, 3)])
+def test_column_pairs_with_rectangular_kernels(backend, kernel_h, kernel_w):
+    rng = np.random.default_rng(kernel_h * 10 + kernel_w)
+    x = rng.standard_normal((2, 9, 12, 8), np.float32)
+    kernel = rng.standard_normal((kernel_h, kernel_w, 8, 8), np.float32)
+    conv = lambda x, kernel: onednn.conv_general_dilated(x, kernel, (1, 1), "SAME",  # noqa: E731
+                                                         dimension_numbers=_DIMENSIONS)
+    ours = _compiled(conv, True, x, kernel)
+    assert "16,16]" in ours.as_text()
+    np.testing.assert_allclose(np.asarray(ours(x, kernel)), np.asarray(_compiled(conv, False, x, kernel)(x, kernel)),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_both_gradients_repeatedly_in_one_program(backend):
     """XLA runs the two independent gradient calls concurrently; each must use its own scratchpad
     (oneDNN's shared default crashed the process here at MesoInception-4's sizes)."""
