@@ -172,14 +172,13 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::
 #pragma omp parallel
   {
     std::vector<double> local(total.size(), 0.0);
-    std::vector<Channels> grad_rows(kPool * width);
+    std::vector<Channels> grad_z(kPool * width);  // d(loss)/dz of a row of windows' image rows
 #pragma omp for schedule(static)
     for (int64_t window_row = 0; window_row < batch * out_h; ++window_row) {
       const int64_t b = window_row / out_h, i = window_row % out_h;
       const float* image = x_data + b * height * width * kInChannels;
-      // d(loss)/dz of the window row's kPool image rows, then each tap's kernel gradient as one running
-      // sum over them (an accumulator that stays in a register).
-      std::vector<Channels>& grad_z = grad_rows;
+      // d(loss)/dz of the window row's kPool image rows first, then each tap's kernel gradient as running
+      // sums over them (accumulators that stay in registers).
       Channels row_kernel[kTaps] = {}, row_bias = {};
       for (int64_t j = 0; j < out_w; ++j) {
         const int64_t out = (window_row * out_w + j) * kOutChannels;
