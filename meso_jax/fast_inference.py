@@ -56,13 +56,6 @@ def _fold_batch_norm(params: dict, stats: dict) -> tuple[jax.Array, jax.Array]:
     return scale, shift
 
 
-def _window_sign(scale: jax.Array) -> jax.Array:
-    """+1 for channels whose pooled output comes from the window's maximum conv output (BatchNorm scale
-    >= 0), -1 for those that need its minimum: with kernel and bias multiplied by it, max(-z) = -min(z)
-    serves both, one maximum per window."""
-    return jnp.where(scale >= 0, 1.0, -1.0).astype(scale.dtype)
-
-
 def _relu_bn(extreme: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
     """relu(z) * scale + shift at each window's extreme z (max over a window of the block's output)."""
     return jnp.maximum(extreme, 0.0) * scale + shift
@@ -71,7 +64,7 @@ def _relu_bn(extreme: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Arra
 def _phased_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, shift: jax.Array,
                   pool: int) -> jax.Array:
     """conv(SAME)+bias -> ReLU -> BatchNorm(folded) -> max-pool(pool), without a conv op (NHWC)."""
-    sign = _window_sign(scale)
+    sign = fast_training.window_sign(scale)
     phases = fast_training.pool_phase_conv(x, kernel * sign, bias * sign, pool)
     return _relu_bn(functools.reduce(jax.lax.max, phases) * sign, scale, shift)
 
@@ -81,7 +74,7 @@ def _conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Arr
     """The same block with a convolution (oneDNN's or XLA's), for the later layers. The bias is added
     after pooling: max(c + b) = max(c) + b, exactly (rounding is monotone). The pooling is a maximum of
     strided slices, which XLA fuses into one pass (its reduce_window ran 2-3x slower here)."""
-    sign = _window_sign(scale)
+    sign = fast_training.window_sign(scale)
     conv = onednn.conv_general_dilated(x, kernel * sign, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     window_max = functools.reduce(jax.lax.max, [conv[:, dy::pool, dx::pool, :]
                                                 for dy in range(pool) for dx in range(pool)])

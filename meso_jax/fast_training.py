@@ -94,6 +94,13 @@ def _conv(x_bhwc: jax.Array, kernel: jax.Array) -> jax.Array:
     return onednn.conv_general_dilated(x_bhwc, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMENSIONS)
 
 
+def window_sign(scale: jax.Array) -> jax.Array:
+    """+1 for channels whose pooled output comes from the window's maximum (BatchNorm scale >= 0), -1 for
+    those that need its minimum: with the values multiplied by it, max(-z) = -min(z) serves both, one
+    maximum per window."""
+    return jnp.where(scale >= 0, 1.0, -1.0).astype(scale.dtype)
+
+
 def _native_first_block(x_bhwc: jax.Array, kernel: jax.Array, pool: int) -> bool:
     """Whether first_block.cc computes this block: Meso-4's first (RGB -> 8 channels, 3x3, pool 2), float32,
     with the native library available (see meso_jax.onednn)."""
@@ -107,7 +114,7 @@ def _native_forward(x_bhwc, kernel, bias, scale, offset, epsilon):
     batch, height, width, _ = x_bhwc.shape
     pooled_shape = jax.ShapeDtypeStruct((batch, height // 2, width // 2, kernel.shape[3]), jnp.float32)
     sums_shape = jax.ShapeDtypeStruct((2, kernel.shape[3]), jnp.float32)
-    sign = jnp.where(scale >= 0, 1.0, -1.0).astype(jnp.float32)  # the sign of scale * inv_std
+    sign = window_sign(scale)  # the sign of scale * inv_std
     selected, winner, sums = onednn.native_call(onednn.FIRST_BLOCK_FORWARD, (pooled_shape, pooled_shape, sums_shape),
                                                 x_bhwc, kernel, bias, sign)
     count = batch * height * width
