@@ -6,13 +6,16 @@
 // gradient of each phase, re-interleaving, the weight gradient: ~90 ms of a ~160 ms training step at
 // batch 32). Here each call is one pass over the image, split over threads by rows of pooling windows:
 //
-// * Forward: per window, the convolution at its 4 positions, ReLU, the running sums of the activations
+// * Forward: per window, the convolution at its 4 positions (two windows' 8 positions side by side, tap by
+//   tap: independent multiply-adds, not one chain per position), ReLU, the running sums of the activations
 //   and their squares (BatchNorm's batch statistics), and the window's selected activation (its maximum,
 //   or its minimum for channels with a negative BatchNorm scale: `sign`) with the first position holding
 //   it (row-major, as XLA's max-pool gradient picks). The activations themselves are not stored.
 // * Backward: recomputes each position's activation and accumulates the kernel and bias gradients of
 //   d(loss)/dz = [z > 0] * c1 * ([chosen] * grad_pooled + c0 + (a - mean) * c2), with the per-channel
-//   coefficients (c1, c0, c2, mean) of BatchNorm's closed-form gradient computed by the caller.
+//   coefficients (c1, c0, c2, mean) of BatchNorm's closed-form gradient computed by the caller: d(loss)/dz
+//   of a row of windows into a buffer, then the kernel gradient a kernel row (9 taps) at a time, each
+//   d(loss)/dz vector loaded once for its 9 taps.
 //
 // Sums are accumulated in float along a row of windows and in double across rows.
 
@@ -42,45 +45,135 @@ inline Channels Load(const float* values) {
 
 inline void Store(float* values, Channels vector) { __builtin_memcpy(values, &vector, sizeof(vector)); }
 
-// The input rows under one pooling window's kernel positions: kSpan rows of kSpan pixels (kernel
-// positions (dy, dx) read rows dy..dy+2, pixels dx..dx+2), pointing into the image where the window is
-// inside it, else into a zero-padded copy.
+// The input rows under kWindows neighbouring pooling windows of one row: kSpan rows of kWindows * kPool + 2
+// pixels (window w's kernel position (dy, dx) reads rows dy..dy+2, pixels w * kPool + dx..+2), pointing into
+// the image where the windows are inside it, else into a zero-padded copy.
 constexpr int kSpan = kPool + kKernel - 1;
+template <int kWindows>
 struct WindowRows {
+  static constexpr int kColumns = kWindows * kPool + kKernel - 1;
   const float* rows[kSpan];
-  float padded[kSpan][kSpan * kInChannels];
+  float padded[kSpan][kColumns * kInChannels];
 };
 
-inline void LoadWindow(const float* image, int64_t height, int64_t width, int64_t i, int64_t j, WindowRows& window) {
+template <int kWindows>
+inline void LoadWindows(const float* image, int64_t height, int64_t width, int64_t i, int64_t j,
+                        WindowRows<kWindows>& windows) {
+  constexpr int kColumns = WindowRows<kWindows>::kColumns;
   const int64_t top = i * kPool - kKernel / 2, left = j * kPool - kKernel / 2;
-  const bool inside = top >= 0 && top + kSpan <= height && left >= 0 && left + kSpan <= width;
+  const bool inside = top >= 0 && top + kSpan <= height && left >= 0 && left + kColumns <= width;
   for (int r = 0; r < kSpan; ++r) {
     if (inside) {
-      window.rows[r] = image + ((top + r) * width + left) * kInChannels;
+      windows.rows[r] = image + ((top + r) * width + left) * kInChannels;
       continue;
     }
-    for (int c = 0; c < kSpan; ++c) {
+    for (int c = 0; c < kColumns; ++c) {
       const bool in_image = top + r >= 0 && top + r < height && left + c >= 0 && left + c < width;
       for (int ci = 0; ci < kInChannels; ++ci) {
-        window.padded[r][c * kInChannels + ci] =
+        windows.padded[r][c * kInChannels + ci] =
             in_image ? image[((top + r) * width + left + c) * kInChannels + ci] : 0.0f;
       }
     }
-    window.rows[r] = window.padded[r];
+    windows.rows[r] = windows.padded[r];
   }
 }
 
-// z = bias + conv at the window's kernel position (dy, dx), the taps in kernel order (ky, kx, ci).
-inline Channels ConvAt(const WindowRows& window, int dy, int dx, const Channels* kernel, Channels bias) {
-  Channels z = bias;
+// z[w][position] = bias + conv at kernel position (dy, dx) = (position / 2, position % 2) of window w, the
+// taps in kernel order (ky, kx, ci). All positions of all windows are computed side by side, tap by tap:
+// kWindows * 4 independent sums, so that the multiply-adds do not wait on each other.
+template <int kWindows>
+inline void ConvAt(const WindowRows<kWindows>& windows, const Channels* kernel, Channels bias,
+                   Channels z[kWindows][kPool * kPool]) {
+  const float* rows[kSpan];
+  for (int r = 0; r < kSpan; ++r) rows[r] = windows.rows[r];
+#pragma GCC unroll 8
+  for (int w = 0; w < kWindows; ++w) {
+#pragma GCC unroll 4
+    for (int position = 0; position < kPool * kPool; ++position) z[w][position] = bias;
+  }
+#pragma GCC unroll 3
   for (int ky = 0; ky < kKernel; ++ky) {
+#pragma GCC unroll 3
     for (int kx = 0; kx < kKernel; ++kx) {
+#pragma GCC unroll 3
       for (int ci = 0; ci < kInChannels; ++ci) {
-        z += window.rows[dy + ky][(dx + kx) * kInChannels + ci] * kernel[(ky * kKernel + kx) * kInChannels + ci];
+        const Channels tap = kernel[(ky * kKernel + kx) * kInChannels + ci];
+#pragma GCC unroll 8
+        for (int w = 0; w < kWindows; ++w) {
+#pragma GCC unroll 4
+          for (int position = 0; position < kPool * kPool; ++position) {
+            const int dy = position / kPool, dx = position % kPool;
+            z[w][position] += rows[dy + ky][(w * kPool + dx + kx) * kInChannels + ci] * tap;
+          }
+        }
       }
     }
   }
-  return z;
+}
+
+// Windows computed together (ConvAt); a row's last window, when the row has an odd count, alone.
+constexpr int kWindowsTogether = 2;
+
+// The forward of kWindows windows from column j of window row i: their selected activations and winning
+// positions stored, their activations added to the row's running sums.
+template <int kWindows>
+inline void ForwardWindows(const float* image, int64_t height, int64_t width, int64_t i, int64_t j,
+                           const Channels* kernel_taps, Channels bias, Channels sign, float* selected_out,
+                           float* winner_out, Channels& row_sum, Channels& row_squares) {
+  WindowRows<kWindows> windows;
+  LoadWindows(image, height, width, i, j, windows);
+  Channels z[kWindows][kPool * kPool];
+  ConvAt(windows, kernel_taps, bias, z);
+  const Channels zero = {};
+#pragma GCC unroll 8
+  for (int w = 0; w < kWindows; ++w) {
+    Channels activation[kPool * kPool];
+#pragma GCC unroll 4
+    for (int position = 0; position < kPool * kPool; ++position) {
+      activation[position] = z[w][position] < zero ? zero : z[w][position];  // ReLU; NaN stays NaN, as in XLA
+    }
+    row_sum += (activation[0] + activation[1]) + (activation[2] + activation[3]);
+    row_squares += (activation[0] * activation[0] + activation[1] * activation[1]) +
+                   (activation[2] * activation[2] + activation[3] * activation[3]);
+    Channels best = activation[0] * sign, best_position = {};
+#pragma GCC unroll 4
+    for (int position = 1; position < kPool * kPool; ++position) {
+      // Strictly greater: the first position keeps a tie. A NaN wins and stays (XLA's maximum).
+      const Channels signed_activation = activation[position] * sign;
+      const auto better = signed_activation > best || signed_activation != signed_activation;
+      best = better ? signed_activation : best;
+      best_position = better ? Channels{} + static_cast<float>(position) : best_position;
+    }
+    Store(selected_out + w * kOutChannels, best * sign);
+    Store(winner_out + w * kOutChannels, best_position);
+  }
+}
+
+// The backward's first part for kWindows windows from column j of window row i: d(loss)/dz at their
+// positions, stored in `grad_z` (a row of windows' kPool image rows) and added to the row's bias gradient.
+template <int kWindows>
+inline void GradZWindows(const float* image, int64_t height, int64_t width, int64_t i, int64_t j,
+                         const Channels* kernel_taps, Channels bias, const float* winner_in, const float* grad_in,
+                         const Channels coefficients[4], Channels* grad_z, Channels& row_bias) {
+  WindowRows<kWindows> windows;
+  LoadWindows(image, height, width, i, j, windows);
+  Channels z[kWindows][kPool * kPool];
+  ConvAt(windows, kernel_taps, bias, z);
+  const Channels zero = {}, c1 = coefficients[0], c0 = coefficients[1], c2 = coefficients[2], mean = coefficients[3];
+#pragma GCC unroll 8
+  for (int w = 0; w < kWindows; ++w) {
+    const Channels winner = Load(winner_in + w * kOutChannels), grad = Load(grad_in + w * kOutChannels);
+    Channels gradient[kPool * kPool];
+#pragma GCC unroll 4
+    for (int position = 0; position < kPool * kPool; ++position) {
+      const Channels chosen = winner == static_cast<float>(position) ? grad : zero;
+      const Channels value = z[w][position];
+      gradient[position] = value > zero ? c1 * (chosen + c0 + (value - mean) * c2) : zero;
+      const int dy = position / kPool, dx = position % kPool;
+      grad_z[dy * width + (j + w) * kPool + dx] = gradient[position];
+    }
+    row_bias += (gradient[0] + gradient[1]) + (gradient[2] + gradient[3]);
+  }
 }
 
 using Dims = ffi::Buffer<ffi::F32>::Dimensions;
@@ -105,7 +198,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::B
   float *selected_data = selected->typed_data(), *winner_data = winner->typed_data();
   Channels kernel_taps[kTaps];
   for (int tap = 0; tap < kTaps; ++tap) kernel_taps[tap] = Load(k_data + tap * kOutChannels);
-  const Channels bias_v = Load(b_data), sign_v = Load(s_data), zero = {};
+  const Channels bias_v = Load(b_data), sign_v = Load(s_data);
   double total[2 * kOutChannels] = {};
 #pragma omp parallel
   {
@@ -115,28 +208,17 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::B
       const int64_t b = window_row / out_h, i = window_row % out_h;
       const float* image = x_data + b * height * width * kInChannels;
       Channels row_sum = {}, row_squares = {};
-      for (int64_t j = 0; j < out_w; ++j) {
-        WindowRows window;
-        LoadWindow(image, height, width, i, j, window);
-        Channels best = {}, best_position = {};
-        for (int position = 0; position < kPool * kPool; ++position) {
-          const Channels z = ConvAt(window, position / kPool, position % kPool, kernel_taps, bias_v);
-          const Channels activation = z < zero ? zero : z;  // ReLU; NaN stays NaN, as in XLA
-          row_sum += activation;
-          row_squares += activation * activation;
-          const Channels signed_activation = activation * sign_v;
-          if (position == 0) {
-            best = signed_activation;
-          } else {
-            // Strictly greater: the first position keeps a tie. A NaN wins and stays (XLA's maximum).
-            const auto better = signed_activation > best || signed_activation != signed_activation;
-            best = better ? signed_activation : best;
-            best_position = better ? Channels{} + static_cast<float>(position) : best_position;
-          }
-        }
-        const int64_t out = (window_row * out_w + j) * kOutChannels;
-        Store(selected_data + out, best * sign_v);
-        Store(winner_data + out, best_position);
+      float* selected_row = selected_data + window_row * out_w * kOutChannels;
+      float* winner_row = winner_data + window_row * out_w * kOutChannels;
+      int64_t j = 0;
+      for (; j + kWindowsTogether <= out_w; j += kWindowsTogether) {
+        ForwardWindows<kWindowsTogether>(image, height, width, i, j, kernel_taps, bias_v, sign_v,
+                                         selected_row + j * kOutChannels, winner_row + j * kOutChannels, row_sum,
+                                         row_squares);
+      }
+      for (; j < out_w; ++j) {
+        ForwardWindows<1>(image, height, width, i, j, kernel_taps, bias_v, sign_v, selected_row + j * kOutChannels,
+                          winner_row + j * kOutChannels, row_sum, row_squares);
       }
       for (int co = 0; co < kOutChannels; ++co) {
         local[co] += row_sum[co];
@@ -166,8 +248,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::
   const float* mean = c2 + kOutChannels;
   Channels kernel_taps[kTaps];
   for (int tap = 0; tap < kTaps; ++tap) kernel_taps[tap] = Load(k_data + tap * kOutChannels);
-  const Channels bias_v = Load(b_data), zero = {};
-  const Channels c1_v = Load(c1), c0_v = Load(c0), c2_v = Load(c2), mean_v = Load(mean);
+  const Channels bias_v = Load(b_data);
+  const Channels coefficients_v[4] = {Load(c1), Load(c0), Load(c2), Load(mean)};
   std::vector<double> total(kTaps * kOutChannels + kOutChannels, 0.0);
 #pragma omp parallel
   {
@@ -177,45 +259,52 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::
     for (int64_t window_row = 0; window_row < batch * out_h; ++window_row) {
       const int64_t b = window_row / out_h, i = window_row % out_h;
       const float* image = x_data + b * height * width * kInChannels;
-      // d(loss)/dz of the window row's kPool image rows first, then each tap's kernel gradient as running
+      // d(loss)/dz of the window row's kPool image rows first, then the kernel gradient as running
       // sums over them (accumulators that stay in registers).
       Channels row_kernel[kTaps] = {}, row_bias = {};
-      for (int64_t j = 0; j < out_w; ++j) {
-        const int64_t out = (window_row * out_w + j) * kOutChannels;
-        const Channels winner_v = Load(winner_data + out), grad_v = Load(grad_data + out);
-        WindowRows window;
-        LoadWindow(image, height, width, i, j, window);
-        for (int position = 0; position < kPool * kPool; ++position) {
-          const int dy = position / kPool, dx = position % kPool;
-          const Channels z = ConvAt(window, dy, dx, kernel_taps, bias_v);
-          const Channels chosen = winner_v == static_cast<float>(position) ? grad_v : zero;
-          const Channels gradient = z > zero ? c1_v * (chosen + c0_v + (z - mean_v) * c2_v) : zero;
-          grad_z[dy * width + j * kPool + dx] = gradient;
-          row_bias += gradient;
-        }
+      const float* winner_row = winner_data + window_row * out_w * kOutChannels;
+      const float* grad_row = grad_data + window_row * out_w * kOutChannels;
+      int64_t j = 0;
+      for (; j + kWindowsTogether <= out_w; j += kWindowsTogether) {
+        GradZWindows<kWindowsTogether>(image, height, width, i, j, kernel_taps, bias_v, winner_row + j * kOutChannels,
+                                       grad_row + j * kOutChannels, coefficients_v, grad_z.data(), row_bias);
+      }
+      for (; j < out_w; ++j) {
+        GradZWindows<1>(image, height, width, i, j, kernel_taps, bias_v, winner_row + j * kOutChannels,
+                        grad_row + j * kOutChannels, coefficients_v, grad_z.data(), row_bias);
       }
       for (int ky = 0; ky < kKernel; ++ky) {
-        for (int kx = 0; kx < kKernel; ++kx) {
-          // Output columns whose tap (ky, kx) reads inside the image.
-          const int64_t first = kx < kKernel / 2 ? kKernel / 2 - kx : 0;
-          const int64_t last = width - (kx > kKernel / 2 ? kx - kKernel / 2 : 0);
-          for (int ci = 0; ci < kInChannels; ++ci) {
-            Channels sums[4] = {};  // four running sums, so that the additions do not wait on each other
-            for (int dy = 0; dy < kPool; ++dy) {
-              const int64_t r = i * kPool + dy + ky - kKernel / 2;
-              if (r < 0 || r >= height) continue;
-              const float* pixels = image + (r * width + kx - kKernel / 2) * kInChannels + ci;
-              const Channels* gradients = grad_z.data() + dy * width;
-              int64_t col = first;
-              for (; col + 4 <= last; col += 4) {
-                for (int lane = 0; lane < 4; ++lane) {
-                  sums[lane] += pixels[(col + lane) * kInChannels] * gradients[col + lane];
-                }
+        // The kernel row's 9 taps (kx, ci) together, each d(loss)/dz loaded once for all of them; two columns
+        // at a time into two sets of sums, so that the additions do not wait on each other.
+        Channels sums[2][kKernel * kInChannels] = {};
+        for (int dy = 0; dy < kPool; ++dy) {
+          const int64_t r = i * kPool + dy + ky - kKernel / 2;
+          if (r < 0 || r >= height) continue;
+          const float* pixels = image + r * width * kInChannels;
+          const Channels* gradients = grad_z.data() + dy * width;
+          // Output column col's taps kx in [first_kx, last_kx), which read pixel column col + kx - 1.
+          const auto add_column = [&](Channels* column_sums, int64_t col, int first_kx, int last_kx) {
+            const Channels gradient = gradients[col];
+#pragma GCC unroll 3
+            for (int kx = first_kx; kx < last_kx; ++kx) {
+#pragma GCC unroll 3
+              for (int ci = 0; ci < kInChannels; ++ci) {
+                column_sums[kx * kInChannels + ci] += pixels[(col + kx - kKernel / 2) * kInChannels + ci] * gradient;
               }
-              for (; col < last; ++col) sums[0] += pixels[col * kInChannels] * gradients[col];
             }
-            row_kernel[(ky * kKernel + kx) * kInChannels + ci] = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+          };
+          // Columns 0 and width - 1 have taps outside the image; all others read inside it.
+          add_column(sums[0], 0, kKernel / 2, kKernel);
+          int64_t col = 1;
+          for (; col + 2 < width; col += 2) {
+            add_column(sums[0], col, 0, kKernel);
+            add_column(sums[1], col + 1, 0, kKernel);
           }
+          for (; col + 1 < width; ++col) add_column(sums[0], col, 0, kKernel);
+          add_column(sums[1], width - 1, 0, kKernel - kKernel / 2);
+        }
+        for (int tap = 0; tap < kKernel * kInChannels; ++tap) {
+          row_kernel[ky * kKernel * kInChannels + tap] = sums[0][tap] + sums[1][tap];
         }
       }
       for (int tap = 0; tap < kTaps; ++tap) {
