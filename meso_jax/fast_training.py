@@ -178,8 +178,18 @@ def _backward(pool, epsilon, phased_conv, residuals, cotangents):
     grad_pooled = cotangents[0]  # the statistics outputs are returned under stop_gradient
     batch, height, width, _ = x_bhwc.shape
     count = batch * height * width
-    grad_offset = jnp.sum(grad_pooled, axis=(0, 1, 2))
-    grad_scale = jnp.sum(grad_pooled * (selected - mean) * inv_std, axis=(0, 1, 2))
+    native = kept is None  # the forward ran first_block.cc, which keeps no activations
+    if native:
+        # The kernel, bias, scale and offset gradients from first_block.cc. The image's gradient (rarely
+        # wanted: XLA removes it when nothing uses it) from the activations recomputed below, as without it.
+        per_channel = jax.ShapeDtypeStruct(bias.shape, jnp.float32)
+        native_grad_kernel, native_grad_bias, grad_scale, grad_offset = onednn.native_call(
+            onednn.FIRST_BLOCK_BACKWARD, (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),) + (per_channel,) * 3,
+            x_bhwc, kernel, bias, winner, selected, grad_pooled, jnp.stack([scale * inv_std, inv_std, mean]))
+        kept = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
+    else:
+        grad_offset = jnp.sum(grad_pooled, axis=(0, 1, 2))
+        grad_scale = jnp.sum(grad_pooled * (selected - mean) * inv_std, axis=(0, 1, 2))
 
     def grad_z_of(activation, chosen, grad_pooled_at):
         """d/dz of BatchNorm (batch statistics) after the ReLU; the pooled gradient reaches only the
@@ -188,16 +198,6 @@ def _backward(pool, epsilon, phased_conv, residuals, cotangents):
                                              - (activation - mean) * inv_std * grad_scale / count)
         return jnp.where(activation > 0, grad_activation, 0.0)
 
-    native = kept is None  # the forward ran first_block.cc, which keeps no activations
-    if native:
-        # The kernel and bias gradients from first_block.cc. The image's gradient (rarely wanted: XLA
-        # removes it when nothing uses it) from the activations recomputed below, as without it.
-        coefficients = jnp.stack([scale * inv_std, -grad_offset / count, -inv_std * grad_scale / count, mean])
-        native_grad_kernel, native_grad_bias = onednn.native_call(
-            onednn.FIRST_BLOCK_BACKWARD, (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
-                                          jax.ShapeDtypeStruct(bias.shape, jnp.float32)),
-            x_bhwc, kernel, bias, winner, grad_pooled, coefficients)
-        kept = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
     if phased_conv:
         grad_phases = [grad_z_of(activation, winner == phase, grad_pooled)
                        for phase, activation in enumerate(kept)]

@@ -13,7 +13,8 @@
 //   it (row-major, as XLA's max-pool gradient picks). The activations themselves are not stored.
 // * Backward: recomputes each position's activation and accumulates the kernel and bias gradients of
 //   d(loss)/dz = [z > 0] * c1 * ([chosen] * grad_pooled + c0 + (a - mean) * c2), with the per-channel
-//   coefficients (c1, c0, c2, mean) of BatchNorm's closed-form gradient computed by the caller: d(loss)/dz
+//   coefficients (c1, c0, c2) of BatchNorm's closed-form gradient (c0 and c2 from BatchNorm's own
+//   gradients, summed over grad_pooled and the selected activations in a first pass): d(loss)/dz
 //   of a row of windows into a buffer, then the kernel gradient a kernel row (9 taps) at a time, each
 //   d(loss)/dz vector loaded once for its 9 taps.
 //
@@ -232,24 +233,59 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::B
   return ffi::Error::Success();
 }
 
+// BatchNorm's gradients from the pooled ones: grad_offset = sum(grad_pooled), grad_scale =
+// sum(grad_pooled * (selected - mean)) * inv_std, per channel over all windows.
+void BatchNormGradients(const float* grad_data, const float* selected_data, int64_t windows, Channels mean,
+                        Channels inv_std, float* grad_scale, float* grad_offset) {
+  constexpr int64_t kChunk = 256;  // windows summed in float before the double total
+  double total[2 * kOutChannels] = {};
+#pragma omp parallel
+  {
+    double local[2 * kOutChannels] = {};
+#pragma omp for schedule(static)
+    for (int64_t chunk = 0; chunk < (windows + kChunk - 1) / kChunk; ++chunk) {
+      Channels sum_grad = {}, sum_product = {};
+      for (int64_t window = chunk * kChunk; window < windows && window < (chunk + 1) * kChunk; ++window) {
+        const Channels grad = Load(grad_data + window * kOutChannels);
+        sum_grad += grad;
+        sum_product += grad * (Load(selected_data + window * kOutChannels) - mean);
+      }
+      for (int co = 0; co < kOutChannels; ++co) {
+        local[co] += sum_grad[co];
+        local[kOutChannels + co] += sum_product[co];
+      }
+    }
+#pragma omp critical
+    for (int index = 0; index < 2 * kOutChannels; ++index) total[index] += local[index];
+  }
+  for (int co = 0; co < kOutChannels; ++co) {
+    grad_offset[co] = static_cast<float>(total[co]);
+    grad_scale[co] = static_cast<float>(total[kOutChannels + co]) * inv_std[co];
+  }
+}
+
 ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
-                    ffi::Buffer<ffi::F32> winner, ffi::Buffer<ffi::F32> grad_pooled,
-                    ffi::Buffer<ffi::F32> coefficients, ffi::ResultBuffer<ffi::F32> grad_kernel,
-                    ffi::ResultBuffer<ffi::F32> grad_bias) {
+                    ffi::Buffer<ffi::F32> winner, ffi::Buffer<ffi::F32> selected, ffi::Buffer<ffi::F32> grad_pooled,
+                    ffi::Buffer<ffi::F32> statistics, ffi::ResultBuffer<ffi::F32> grad_kernel,
+                    ffi::ResultBuffer<ffi::F32> grad_bias, ffi::ResultBuffer<ffi::F32> grad_scale,
+                    ffi::ResultBuffer<ffi::F32> grad_offset) {
   if (!Supported(x.dimensions(), kernel.dimensions())) return ffi::Error::InvalidArgument(kShapeError);
   const int64_t batch = x.dimensions()[0], height = x.dimensions()[1], width = x.dimensions()[2];
   const int64_t out_h = height / kPool, out_w = width / kPool;
   const float *x_data = x.typed_data(), *k_data = kernel.typed_data(), *b_data = bias.typed_data();
   const float *winner_data = winner.typed_data(), *grad_data = grad_pooled.typed_data();
-  // Rows of `coefficients`: c1, c0, c2, mean (see the top of this file).
-  const float* c1 = coefficients.typed_data();
-  const float* c0 = c1 + kOutChannels;
-  const float* c2 = c0 + kOutChannels;
-  const float* mean = c2 + kOutChannels;
+  // Rows of `statistics`: scale * inv_std, inv_std, mean.
+  const Channels c1 = Load(statistics.typed_data()), inv_std = Load(statistics.typed_data() + kOutChannels);
+  const Channels mean = Load(statistics.typed_data() + 2 * kOutChannels);
+  BatchNormGradients(grad_data, selected.typed_data(), batch * out_h * out_w, mean, inv_std,
+                     grad_scale->typed_data(), grad_offset->typed_data());
+  const float count = static_cast<float>(batch * height * width);
+  const Channels c0 = -Load(grad_offset->typed_data()) / count;
+  const Channels c2 = -inv_std * Load(grad_scale->typed_data()) / count;
   Channels kernel_taps[kTaps];
   for (int tap = 0; tap < kTaps; ++tap) kernel_taps[tap] = Load(k_data + tap * kOutChannels);
   const Channels bias_v = Load(b_data);
-  const Channels coefficients_v[4] = {Load(c1), Load(c0), Load(c2), Load(mean)};
+  const Channels coefficients_v[4] = {c1, c0, c2, mean};
   std::vector<double> total(kTaps * kOutChannels + kOutChannels, 0.0);
 #pragma omp parallel
   {
@@ -342,7 +378,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoFirstBlockBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // winner
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // selected
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grad_pooled (B, H/2, W/2, 8)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // coefficients (4, 8): c1, c0, c2, mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // statistics (3, 8): scale * inv_std, inv_std, mean
                                   .Ret<ffi::Buffer<ffi::F32>>()  // grad_kernel (3, 3, 3, 8)
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // grad_bias (8,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // grad_bias (8,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // grad_scale (8,)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // grad_offset (8,)
