@@ -204,7 +204,10 @@ def _conv2d_forward(x_bhwc, kernel_hwio, dilation):
 
 def _conv2d_backward(dilation, residuals, grad_y):
     x_bhwc, kernel_hwio = residuals
-    grad_x = _call(_BACKWARD_DATA, x_bhwc.shape, dilation, grad_y, kernel_hwio)
+    if dilation == 1 and _column_pairs_pay_for_the_data_gradient(x_bhwc.shape, kernel_hwio.shape):
+        grad_x = _data_gradient_on_column_pairs(grad_y, kernel_hwio, x_bhwc.shape)
+    else:
+        grad_x = _call(_BACKWARD_DATA, x_bhwc.shape, dilation, grad_y, kernel_hwio)
     grad_kernel = _call(_BACKWARD_WEIGHTS, kernel_hwio.shape, dilation, x_bhwc, grad_y)
     return grad_x, grad_kernel
 
@@ -244,6 +247,23 @@ def _column_pairs_pay(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -
     kernel width, even image width."""
     return (x_shape[3] == kernel_shape[3] == _COLUMN_PAIRED_CHANNELS and kernel_shape[1] % 2 == 1
             and x_shape[2] % 2 == 0)
+
+
+def _column_pairs_pay_for_the_data_gradient(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
+    """Whether the input's gradient of an undilated convolution runs faster on column pairs: it has 8
+    channels (e.g. Meso-4's 8 -> 16 block: 4.8 -> 3.4 ms at batch 32; its forward and kernel gradient,
+    with 16 output channels, are faster as they are), odd kernel width, even image width."""
+    return x_shape[3] == _COLUMN_PAIRED_CHANNELS and kernel_shape[1] % 2 == 1 and x_shape[2] % 2 == 0
+
+
+def _data_gradient_on_column_pairs(grad_y: jax.Array, kernel_hwio: jax.Array, x_shape: tuple[int, ...]
+                                   ) -> jax.Array:
+    """conv2d_same's gradient with respect to its input, computed on column pairs (_column_pair_kernel)."""
+    batch, height, width, in_channels = x_shape
+    pairs = materialize(grad_y).reshape(batch, height, width // 2, 2 * grad_y.shape[3])
+    grad_pairs = _call(_BACKWARD_DATA, (batch, height, width // 2, 2 * in_channels), 1, pairs,
+                       _column_pair_kernel(kernel_hwio))
+    return grad_pairs.reshape(x_shape)
 
 
 def _conv_on_column_pairs(x_bhwc: jax.Array, kernel_hwio: jax.Array) -> jax.Array:

@@ -37,6 +37,8 @@ def _compiled(fn, use_onednn: bool, *args):
     (2, 11, 14, 8, 8, 3, 1),   # column pairs with other kernel sizes
     (2, 6, 10, 8, 8, 1, 1),
     (2, 12, 13, 8, 8, 5, 1),   # odd width: no column pairs
+    (2, 10, 12, 8, 16, 5, 1),  # 8 -> 16: the input's gradient on column pairs
+    (2, 10, 11, 8, 16, 5, 1),  # odd width: not
     (2, 17, 16, 2, 4, 3, 2),   # MesoInception-4's dilated branches
     (2, 16, 16, 4, 2, 3, 3),
     (2, 9, 9, 5, 7, 1, 1),     # 1x1
@@ -81,6 +83,22 @@ def test_eight_channel_convolutions_run_on_column_pairs_where_the_width_is_even(
         assert all(paired_kernel in line for line in calls)
     else:
         assert not any("16]" in line for line in calls)
+
+
+@pytest.mark.parametrize("width,paired", [(12, True), (13, False)])
+def test_an_eight_channel_inputs_gradient_runs_on_column_pairs(backend, width, paired):
+    """8 -> 16: forward and kernel gradient as they are (16 output channels), the input's gradient (8
+    channels) on pairs of columns: a 32 -> 16 computation with the paired kernel."""
+    x = np.zeros((2, 8, width, 8), np.float32)
+    kernel = np.zeros((5, 5, 8, 16), np.float32)
+    conv = lambda x, kernel: onednn.conv_general_dilated(x, kernel, (1, 1), "SAME",  # noqa: E731
+                                                         dimension_numbers=_DIMENSIONS)
+    text = _compiled(jax.grad(lambda x, kernel: jnp.sum(conv(x, kernel) ** 2), (0, 1)), True, x, kernel).as_text()
+    calls = {target: line for line in text.splitlines() for target in ("Forward", "BackwardData", "BackwardWeights")
+             if f'custom_call_target="MesoOnednnConv{target}"' in line}
+    assert set(calls) == {"Forward", "BackwardData", "BackwardWeights"}
+    assert "f32[5,5,8,16]" in calls["Forward"] and "f32[5,5,8,16]" in calls["BackwardWeights"]
+    assert ("f32[5,3,16,32]" in calls["BackwardData"]) == paired
 
 
 @pytest.mark.parametrize("kernel_h,kernel_w", [(3, 5), (4, 3)])
