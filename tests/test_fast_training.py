@@ -36,7 +36,7 @@ def _random_block(rng, batch, size, kernel_size, in_channels, out_channels, pool
 
 @pytest.mark.parametrize("kernel_size,in_channels,out_channels,pool,phased_conv,flat_patches", [
     (3, 3, 8, 2, True, False), (5, 8, 8, 2, True, False), (3, 2, 4, 4, True, False), (5, 8, 16, 4, False, False),
-    (3, 3, 8, 2, True, True), (5, 8, 16, 4, False, True)])
+    (5, 8, 8, 2, False, False), (3, 3, 8, 2, True, True), (5, 8, 16, 4, False, True)])
 def test_fused_block_matches_a_float64_reference_in_value_and_gradient(kernel_size, in_channels, out_channels, pool,
                                                                       phased_conv, flat_patches):
     inputs, upstream = _random_block(np.random.default_rng(kernel_size * 10 + pool), 3, 32, kernel_size,
