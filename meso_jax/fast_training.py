@@ -23,8 +23,10 @@ On the CPU with the native library (meso_jax.onednn), Meso-4's first block (RGB 
 pool 2) runs as two calls of ``first_block.cc`` instead: the forward in one pass over the image (each
 window's selected activation and its position, and the sums for the statistics; no activations kept),
 the backward recomputing the convolution while it accumulates the kernel and bias gradients (the
-image's gradient, when something needs it, still comes from the XLA formulation). The block's forward
-and backward take ~35 ms instead of ~95 ms at batch 32, the training step ~1.3x less (BENCHMARKS.md).
+image's gradient, when something needs it, still comes from the XLA formulation): the training step
+takes ~1.45x less time than with the XLA formulation (BENCHMARKS.md). The later blocks' forward after
+their convolution (ReLU, statistics, pooling selection) is one pass of ``pool_select.cc`` there instead
+of XLA's pass for each; their backward stays in XLA.
 
 Results equal the Flax ConvBlock's (models.ConvBlock) in float32; in tests against a float64
 reference the fused gradients are the more accurate of the two (first_block.cc's kernel gradient is
@@ -108,27 +110,38 @@ def _native_first_block(x_bhwc: jax.Array, kernel: jax.Array, pool: int) -> bool
             and kernel.dtype == jnp.float32 and onednn.enabled())
 
 
-def _native_forward(x_bhwc, kernel, bias, scale, offset, epsilon):
-    """_forward of Meso-4's first block by first_block.cc: one pass over the image gives each window's
-    selected activation and its position, and the sums for the batch statistics."""
-    batch, height, width, _ = x_bhwc.shape
-    pooled_shape = jax.ShapeDtypeStruct((batch, height // 2, width // 2, kernel.shape[3]), jnp.float32)
-    sums_shape = jax.ShapeDtypeStruct((2, kernel.shape[3]), jnp.float32)
+def _native_pool_select(z_bhwc: jax.Array, pool: int) -> bool:
+    """Whether pool_select.cc computes the ReLU, statistics and pooling selection of this convolution's
+    output: float32, channels a multiple of 8, sides divisible by the pool, the native library available."""
+    _, height, width, channels = z_bhwc.shape
+    return (z_bhwc.dtype == jnp.float32 and channels % 8 == 0 and height % pool == 0 and width % pool == 0
+            and onednn.enabled())
+
+
+def _native_selection(target, operands, z_shape, pool, scale, offset, epsilon):
+    """A native forward (first_block.cc or pool_select.cc): each window's selected activation and its
+    position, and the sums for the batch statistics, then BatchNorm of the selected activations."""
+    batch, height, width, channels = z_shape
+    pooled_shape = jax.ShapeDtypeStruct((batch, height // pool, width // pool, channels), jnp.float32)
+    sums_shape = jax.ShapeDtypeStruct((2, channels), jnp.float32)
     sign = window_sign(scale)  # the sign of scale * inv_std
-    selected, winner, sums = onednn.native_call(onednn.FIRST_BLOCK_FORWARD, (pooled_shape, pooled_shape, sums_shape),
-                                                x_bhwc, kernel, bias, sign)
+    selected, winner, sums = onednn.native_call(target, (pooled_shape, pooled_shape, sums_shape), *operands, sign)
     count = batch * height * width
     mean, mean_of_squares = sums[0] / count, sums[1] / count
     var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
     inv_std = jax.lax.rsqrt(var + epsilon)
     pooled = (selected - mean) * (scale * inv_std) + offset
-    return (pooled, mean, var), (x_bhwc, kernel, bias, None, selected, winner, mean, inv_std, scale)
+    return (pooled, mean, var), selected, winner, mean, inv_std
 
 
 def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv):
-    if phased_conv and _native_first_block(x_bhwc, kernel, pool):
-        return _native_forward(x_bhwc, kernel, bias, scale, offset, epsilon)
     batch, height, width, _ = x_bhwc.shape
+    z_shape = (batch, height, width, kernel.shape[3])
+    if phased_conv and _native_first_block(x_bhwc, kernel, pool):
+        # first_block.cc: one pass over the image, no activations kept (kept=None).
+        outputs, selected, winner, mean, inv_std = _native_selection(
+            onednn.FIRST_BLOCK_FORWARD, (x_bhwc, kernel, bias), z_shape, pool, scale, offset, epsilon)
+        return outputs, (x_bhwc, kernel, bias, None, selected, winner, mean, inv_std, scale)
     # relu(z): everything after the ReLU, and its mask (relu(z) > 0 exactly where z > 0), needs only it.
     if phased_conv:
         # Split by pooling phase, each computed from the input (pool_phase_conv).
@@ -144,11 +157,15 @@ def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv):
     else:
         # One convolution; its phases are strided views of it, but statistics and the backward run over
         # the whole array (one pass each instead of one per phase; the gradient needs no re-interleaving).
-        full = jax.nn.relu(_conv(x_bhwc, kernel) + bias)
-        if onednn.enabled():
-            full = onednn.materialize(full)
+        # The backward recomputes relu(z + bias) from z inside its own loop.
+        kept = z = _conv(x_bhwc, kernel)
+        if _native_pool_select(z, pool):
+            # pool_select.cc: ReLU, statistics and selection in one pass (XLA makes one each).
+            outputs, selected, winner, mean, inv_std = _native_selection(
+                onednn.POOL_SELECT_FORWARD, (z, bias), z_shape, pool, scale, offset, epsilon)
+            return outputs, (x_bhwc, kernel, bias, kept, selected, winner, mean, inv_std, scale)
+        full = jax.nn.relu(z + bias)
         activations = [full[:, dy::pool, dx::pool, :] for dy in range(pool) for dx in range(pool)]
-        kept = full
         statistics_over = [full]
     count = batch * height * width
     # Batch statistics of relu(z) over all positions, as flax.linen.BatchNorm computes them.
@@ -209,7 +226,7 @@ def _backward(pool, epsilon, phased_conv, residuals, cotangents):
         windows_shape = (batch, height // pool, pool, width // pool, pool, kept.shape[-1])
         phase_of_position = jnp.arange(pool * pool, dtype=jnp.float32).reshape(1, 1, pool, 1, pool, 1)
         chosen = winner[:, :, None, :, None, :] == phase_of_position
-        grad_z = grad_z_of(kept.reshape(windows_shape), chosen,
+        grad_z = grad_z_of(jax.nn.relu(kept + bias).reshape(windows_shape), chosen,
                            grad_pooled[:, :, None, :, None, :]).reshape(kept.shape)
         grad_bias = jnp.sum(grad_z, axis=(0, 1, 2))
     _, conv_vjp = jax.vjp(_conv, x_bhwc, kernel)

@@ -8,8 +8,9 @@ through XLA's FFI: ``onednn_conv.cc`` is compiled on first use against the oneDN
 (``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``, in requirements.txt for Linux x86-64) and jaxlib's
 FFI headers, and kept under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/onednn. The same library offers
 ``materialize``, a pass-through call that makes XLA compute a value once instead of inside each of
-its consumers, and the fused training kernels of Meso-4's first block (``first_block.cc``, used by
-meso_jax.fast_training through ``native_call``). It is compiled for the CPU it runs on
+its consumers, and meso_jax.fast_training's kernels (through ``native_call``): Meso-4's first block in
+training (``first_block.cc``) and the later blocks' ReLU, statistics and pooling selection after their
+convolution (``pool_select.cc``). It is compiled for the CPU it runs on
 (``-march=native``; the cache is kept per CPU).
 
 Optional: when the library or a C++ compiler is missing, or the build fails, a one-line message says
@@ -40,12 +41,13 @@ from absl import logging
 
 from meso_jax.user_cache import cache_root
 
-_SOURCES = (Path(__file__).with_name("onednn_conv.cc"), Path(__file__).with_name("first_block.cc"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_conv.cc", "first_block.cc", "pool_select.cc"))
 _LIBRARY_DISTRIBUTION, _HEADERS_DISTRIBUTION = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS = (
     "MesoOnednnConvForward", "MesoOnednnConvBackwardData", "MesoOnednnConvBackwardWeights")
 _MATERIALIZE = "MesoMaterialize"
 FIRST_BLOCK_FORWARD, FIRST_BLOCK_BACKWARD = "MesoFirstBlockForward", "MesoFirstBlockBackward"
+POOL_SELECT_FORWARD = "MesoPoolSelectForward"
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -116,7 +118,7 @@ def _load() -> None:
     except OSError as error:
         raise BackendUnavailable(f"loading {library} failed: {error}") from None
     for target in (_FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS, _MATERIALIZE, FIRST_BLOCK_FORWARD,
-                   FIRST_BLOCK_BACKWARD):
+                   FIRST_BLOCK_BACKWARD, POOL_SELECT_FORWARD):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
 
 

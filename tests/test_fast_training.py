@@ -147,3 +147,41 @@ def test_native_first_block_propagates_nan_like_xla():
     pooled, mean, var = jax.jit(lambda *a: fast_training.conv_relu_bn_pool_train(*a, 2, EPSILON))(
         x, kernel, bias, scale, offset)
     assert np.isnan(np.asarray(pooled)).all() and np.isnan(np.asarray(mean)).any()
+
+
+@pytest.mark.parametrize("channels,pool,flat", [(8, 2, False), (16, 4, False), (16, 4, True)])
+def test_native_pool_selection_matches_the_xla_formulation(monkeypatch, channels, pool, flat):
+    """pool_select.cc (ReLU, statistics and pooling selection after a later block's convolution) against
+    the same block in XLA ops: pooled values, statistics and all five gradients, also on ties."""
+    if not onednn.enabled():
+        pytest.skip("the native library (meso_jax.onednn) is unavailable here")
+    rng = np.random.default_rng(channels * pool)
+    (x, kernel, bias, scale, offset), upstream = _random_block(rng, 3, 16, 5, 8, channels, pool)
+    if flat:  # constant patches: windows full of equal values, the gradient to the first position
+        x = np.repeat(np.repeat(x[:, ::8, ::8], 8, axis=1), 8, axis=2)
+
+    def run(native: bool):
+        if not native:
+            monkeypatch.setattr(fast_training, "_native_pool_select", lambda *args: False)
+        block = lambda *a: fast_training.conv_relu_bn_pool_train(*a, pool, EPSILON, False)  # noqa: E731
+        loss = lambda *a: jnp.sum(block(*a)[0] * upstream)  # noqa: E731
+        compiled = jax.jit(lambda *a: (block(*a), jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)))
+        assert (onednn.POOL_SELECT_FORWARD in compiled.lower(x, kernel, bias, scale, offset).as_text()) == native
+        return compiled(x, kernel, bias, scale, offset)
+
+    native, xla = run(True), run(False)
+    for name, got, want in zip(("pooled", "mean", "var", "x", "kernel", "bias", "scale", "offset"),
+                               jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(xla)):
+        error = np.max(np.abs(np.asarray(got) - np.asarray(want))) / (np.max(np.abs(np.asarray(want))) + 1e-6)
+        assert error < 1e-5, (name, error)
+
+
+def test_native_pool_selection_propagates_nan_like_xla():
+    """A NaN in a later block's input makes its statistics and every output NaN, as in XLA."""
+    if not onednn.enabled():
+        pytest.skip("the native library (meso_jax.onednn) is unavailable here")
+    (x, kernel, bias, scale, offset), _ = _random_block(np.random.default_rng(6), 2, 8, 5, 8, 8, 2)
+    x[1, 3, 5, 2] = np.nan
+    pooled, mean, var = jax.jit(lambda *a: fast_training.conv_relu_bn_pool_train(*a, 2, EPSILON, False))(
+        x, kernel, bias, scale, offset)
+    assert np.isnan(np.asarray(pooled)).all() and np.isnan(np.asarray(mean)).any()

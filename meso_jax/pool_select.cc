@@ -1,0 +1,109 @@
+// The forward of Meso-4's later blocks after their convolution, as one XLA FFI call: ReLU(z + bias) ->
+// batch statistics -> pool x pool max-pool selection. Built into the same library as onednn_conv.cc by
+// meso_jax/onednn.py; used by meso_jax/fast_training.py (its backward stays in XLA).
+//
+// One pass over the convolution's output, split over threads by rows of pooling windows: per window and
+// 8 channels at a time, the activations at its pool * pool positions, their running sums and sums of
+// squares (BatchNorm's batch statistics), and the selected activation (the maximum, or the minimum for
+// channels with a negative BatchNorm scale: `sign`) with the first position holding it (row-major, as
+// XLA's max-pool gradient picks). XLA's fusions make a pass each for the ReLU, both statistics and the
+// selection. Sums are accumulated in float along a row of windows and in double across rows.
+
+#include <omp.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Lanes Load(const float* values) {
+  Lanes vector;
+  __builtin_memcpy(&vector, values, sizeof(vector));
+  return vector;
+}
+
+inline void Store(float* values, Lanes vector) { __builtin_memcpy(values, &vector, sizeof(vector)); }
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> sign,
+                   ffi::ResultBuffer<ffi::F32> selected, ffi::ResultBuffer<ffi::F32> winner,
+                   ffi::ResultBuffer<ffi::F32> sums) {
+  const auto dims = conv.dimensions();
+  const auto out_dims = selected->dimensions();
+  if (dims.size() != 4 || out_dims.size() != 4 || dims[3] % kLanes != 0 || out_dims[1] == 0 ||
+      dims[1] % out_dims[1] != 0 || dims[1] / out_dims[1] * out_dims[2] != dims[2] ||
+      dims[2] % out_dims[2] != 0 || bias.dimensions()[0] != dims[3]) {
+    return ffi::Error::InvalidArgument(
+        "pooling selection: expected z (B, H, W, C) with C a multiple of 8 and (B, H/p, W/p, C) results");
+  }
+  const int64_t batch = dims[0], height = dims[1], width = dims[2], channels = dims[3];
+  const int64_t out_h = out_dims[1], out_w = out_dims[2], pool = height / out_h;
+  const int64_t chunks = channels / kLanes;
+  const float *z_data = conv.typed_data(), *b_data = bias.typed_data(), *s_data = sign.typed_data();
+  float *selected_data = selected->typed_data(), *winner_data = winner->typed_data();
+  std::vector<double> total(2 * channels, 0.0);
+#pragma omp parallel
+  {
+    std::vector<double> local(2 * channels, 0.0);
+    std::vector<Lanes> row_sum(chunks), row_squares(chunks);
+#pragma omp for schedule(static)
+    for (int64_t window_row = 0; window_row < batch * out_h; ++window_row) {
+      const int64_t b = window_row / out_h, i = window_row % out_h;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) row_sum[chunk] = row_squares[chunk] = Lanes{};
+      for (int64_t j = 0; j < out_w; ++j) {
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          const Lanes bias_v = Load(b_data + chunk * kLanes), sign_v = Load(s_data + chunk * kLanes), zero = {};
+          Lanes best = {}, best_position = {}, sum = {}, squares = {};
+          for (int64_t position = 0; position < pool * pool; ++position) {
+            const int64_t row = i * pool + position / pool, col = j * pool + position % pool;
+            const Lanes pre = Load(z_data + ((b * height + row) * width + col) * channels + chunk * kLanes) + bias_v;
+            const Lanes activation = pre < zero ? zero : pre;  // ReLU; NaN stays NaN, as in XLA
+            sum += activation;
+            squares += activation * activation;
+            const Lanes signed_activation = activation * sign_v;
+            if (position == 0) {
+              best = signed_activation;
+            } else {
+              // Strictly greater: the first position keeps a tie. A NaN wins and stays (XLA's maximum).
+              const auto better = signed_activation > best || signed_activation != signed_activation;
+              best = better ? signed_activation : best;
+              best_position = better ? Lanes{} + static_cast<float>(position) : best_position;
+            }
+          }
+          row_sum[chunk] += sum;
+          row_squares[chunk] += squares;
+          const int64_t out = (window_row * out_w + j) * channels + chunk * kLanes;
+          Store(selected_data + out, best * sign_v);
+          Store(winner_data + out, best_position);
+        }
+      }
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        for (int lane = 0; lane < kLanes; ++lane) {
+          local[chunk * kLanes + lane] += row_sum[chunk][lane];
+          local[channels + chunk * kLanes + lane] += row_squares[chunk][lane];
+        }
+      }
+    }
+#pragma omp critical
+    for (int64_t index = 0; index < 2 * channels; ++index) total[index] += local[index];
+  }
+  for (int64_t index = 0; index < 2 * channels; ++index) sums->typed_data()[index] = static_cast<float>(total[index]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoPoolSelectForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z = conv(x, kernel) (B, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias (C,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sign (C,): +1 window maximum, -1 minimum
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // selected (B, H/p, W/p, C)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // winner: its position in the window
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // sums (2, C): of relu(z), of relu(z)^2
