@@ -108,10 +108,30 @@ def test_training_uses_the_fused_block_on_cpu_unless_turned_off(monkeypatch):
     assert train.training_module(models.get_model("mesoinception4")) == models.get_model("mesoinception4").module
 
 
+def _assert_native_matches_xla(monkeypatch, native_predicate: str, targets: tuple[str, ...], block, arrays, upstream):
+    """``block`` with the native kernels ``targets`` against the same block with ``native_predicate``
+    (a fast_training function) answering False: pooled values, statistics and all five gradients."""
+
+    def run(native: bool):
+        if not native:
+            monkeypatch.setattr(fast_training, native_predicate, lambda *args: False)
+        loss = lambda *a: jnp.sum(block(*a)[0] * upstream)  # noqa: E731
+        compiled = jax.jit(lambda *a: (block(*a), jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)))
+        text = compiled.lower(*arrays).compile().as_text()
+        assert all(target in text for target in targets) == native
+        return compiled(*arrays)
+
+    native, xla = run(True), run(False)
+    for name, got, want in zip(("pooled", "mean", "var", "x", "kernel", "bias", "scale", "offset"),
+                               jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(xla)):
+        error = np.max(np.abs(np.asarray(got) - np.asarray(want))) / (np.max(np.abs(np.asarray(want))) + 1e-6)
+        assert error < 1e-5, (name, error)
+
+
 @pytest.mark.parametrize("height,width,flat", [(6, 10, False), (2, 4, False), (16, 12, True)])
 def test_native_first_block_matches_the_xla_formulation(monkeypatch, height, width, flat):
     """first_block.cc (Meso-4's first block on CPU with the native library) against the same block in XLA
-    ops: pooled values, statistics and all five gradients, at image edges and on ties."""
+    ops, at image edges and on ties."""
     if not onednn.enabled():
         pytest.skip("the native library (meso_jax.onednn) is unavailable here")
     rng = np.random.default_rng(height * width)
@@ -120,68 +140,35 @@ def test_native_first_block_matches_the_xla_formulation(monkeypatch, height, wid
     if flat:  # constant 4x4 patches: windows full of equal values, the gradient to the first position
         x = np.repeat(np.repeat(x[:, ::4, ::4], 4, axis=1), 4, axis=2)
     upstream = rng.standard_normal((3, height // 2, width // 2, 8), np.float32)
-
-    def run(native: bool):
-        if not native:
-            monkeypatch.setattr(fast_training, "_native_first_block", lambda *args: False)
-        block = lambda *a: fast_training.conv_relu_bn_pool_train(*a, 2, EPSILON)  # noqa: E731
-        loss = lambda *a: jnp.sum(block(*a)[0] * upstream)  # noqa: E731
-        compiled = jax.jit(lambda *a: (block(*a), jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)))
-        text = compiled.lower(x, kernel, bias, scale, offset).compile().as_text()
-        assert (onednn.FIRST_BLOCK_FORWARD in text and onednn.FIRST_BLOCK_BACKWARD in text) == native
-        return compiled(x, kernel, bias, scale, offset)
-
-    native, xla = run(True), run(False)
-    for name, got, want in zip(("pooled", "mean", "var", "x", "kernel", "bias", "scale", "offset"),
-                               jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(xla)):
-        error = np.max(np.abs(np.asarray(got) - np.asarray(want))) / (np.max(np.abs(np.asarray(want))) + 1e-6)
-        assert error < 1e-5, (name, error)
-
-
-def test_native_first_block_propagates_nan_like_xla():
-    """A NaN pixel makes the statistics and every output NaN (so training stops on a NaN loss)."""
-    if not onednn.enabled():
-        pytest.skip("the native library (meso_jax.onednn) is unavailable here")
-    (x, kernel, bias, scale, offset), _ = _random_block(np.random.default_rng(5), 2, 8, 3, 3, 8, 2)
-    x[1, 3, 5, 2] = np.nan
-    pooled, mean, var = jax.jit(lambda *a: fast_training.conv_relu_bn_pool_train(*a, 2, EPSILON))(
-        x, kernel, bias, scale, offset)
-    assert np.isnan(np.asarray(pooled)).all() and np.isnan(np.asarray(mean)).any()
+    _assert_native_matches_xla(monkeypatch, "_native_first_block",
+                               (onednn.FIRST_BLOCK_FORWARD, onednn.FIRST_BLOCK_BACKWARD),
+                               lambda *a: fast_training.conv_relu_bn_pool_train(*a, 2, EPSILON),
+                               (x, kernel, bias, scale, offset), upstream)
 
 
 @pytest.mark.parametrize("channels,pool,flat", [(8, 2, False), (16, 4, False), (16, 4, True)])
 def test_native_pool_selection_matches_the_xla_formulation(monkeypatch, channels, pool, flat):
     """pool_select.cc (ReLU, statistics and pooling selection after a later block's convolution) against
-    the same block in XLA ops: pooled values, statistics and all five gradients, also on ties."""
+    the same block in XLA ops, also on ties."""
     if not onednn.enabled():
         pytest.skip("the native library (meso_jax.onednn) is unavailable here")
     rng = np.random.default_rng(channels * pool)
     (x, kernel, bias, scale, offset), upstream = _random_block(rng, 3, 16, 5, 8, channels, pool)
     if flat:  # constant patches: windows full of equal values, the gradient to the first position
         x = np.repeat(np.repeat(x[:, ::8, ::8], 8, axis=1), 8, axis=2)
-
-    def run(native: bool):
-        if not native:
-            monkeypatch.setattr(fast_training, "_native_pool_select", lambda *args: False)
-        block = lambda *a: fast_training.conv_relu_bn_pool_train(*a, pool, EPSILON, False)  # noqa: E731
-        loss = lambda *a: jnp.sum(block(*a)[0] * upstream)  # noqa: E731
-        compiled = jax.jit(lambda *a: (block(*a), jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)))
-        assert (onednn.POOL_SELECT_FORWARD in compiled.lower(x, kernel, bias, scale, offset).as_text()) == native
-        return compiled(x, kernel, bias, scale, offset)
-
-    native, xla = run(True), run(False)
-    for name, got, want in zip(("pooled", "mean", "var", "x", "kernel", "bias", "scale", "offset"),
-                               jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(xla)):
-        error = np.max(np.abs(np.asarray(got) - np.asarray(want))) / (np.max(np.abs(np.asarray(want))) + 1e-6)
-        assert error < 1e-5, (name, error)
+    _assert_native_matches_xla(monkeypatch, "_native_pool_select", (onednn.POOL_SELECT_FORWARD,),
+                               lambda *a: fast_training.conv_relu_bn_pool_train(*a, pool, EPSILON, False),
+                               (x, kernel, bias, scale, offset), upstream)
 
 
-def test_native_pool_selection_propagates_nan_like_xla():
-    """A NaN in a later block's input makes its statistics and every output NaN, as in XLA."""
+@pytest.mark.parametrize("kernel_size,in_channels,phased_conv", [(3, 3, True), (5, 8, False)])
+def test_native_blocks_propagate_nan_like_xla(kernel_size, in_channels, phased_conv):
+    """A NaN in the input (first_block.cc for the first block, pool_select.cc for a later one) makes the
+    statistics and every output NaN, as in XLA (so training stops on a NaN loss)."""
     if not onednn.enabled():
         pytest.skip("the native library (meso_jax.onednn) is unavailable here")
-    (x, kernel, bias, scale, offset), _ = _random_block(np.random.default_rng(6), 2, 8, 5, 8, 8, 2)
+    (x, kernel, bias, scale, offset), _ = _random_block(np.random.default_rng(5), 2, 8, kernel_size, in_channels, 8, 2)
     x[1, 3, 5, 2] = np.nan
-    pooled, mean, var = jax.jit(lambda *a: fast_training.conv_relu_bn_pool_train(*a, 2, EPSILON, False))(
+    pooled, mean, var = jax.jit(lambda *a: fast_training.conv_relu_bn_pool_train(*a, 2, EPSILON, phased_conv))(
         x, kernel, bias, scale, offset)
     assert np.isnan(np.asarray(pooled)).all() and np.isnan(np.asarray(mean)).any()
