@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "vector8.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -34,17 +35,11 @@ namespace {
 constexpr int kKernel = 3, kInChannels = 3, kOutChannels = 8, kPool = 2;
 constexpr int kTaps = kKernel * kKernel * kInChannels;
 
-// The 8 output channels of one position as one vector (GCC/Clang vector extension: AVX registers where the
-// CPU has them, the library being built for the machine it runs on).
-typedef float Channels __attribute__((vector_size(kOutChannels * sizeof(float))));
-
-inline Channels Load(const float* values) {
-  Channels vector;
-  __builtin_memcpy(&vector, values, sizeof(vector));
-  return vector;
-}
-
-inline void Store(float* values, Channels vector) { __builtin_memcpy(values, &vector, sizeof(vector)); }
+// The 8 output channels of one position as one vector.
+using Channels = meso::Vector8;
+static_assert(kOutChannels == meso::kVectorLanes, "one vector holds a position's output channels");
+using meso::Load;
+using meso::Store;
 
 // The input rows under kWindows neighbouring pooling windows of one row: kSpan rows of kWindows * kPool + 2
 // pixels (window w's kernel position (dy, dx) reads rows dy..dy+2, pixels w * kPool + dx..+2), pointing into

@@ -42,6 +42,7 @@ from absl import logging
 from meso_jax.user_cache import cache_root
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_conv.cc", "first_block.cc", "pool_select.cc"))
+_HEADERS = (Path(__file__).with_name("vector8.h"),)  # included by the sources: part of the cache key too
 _LIBRARY_DISTRIBUTION, _HEADERS_DISTRIBUTION = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS = (
     "MesoOnednnConvForward", "MesoOnednnConvBackwardData", "MesoOnednnConvBackwardWeights")
@@ -107,7 +108,7 @@ def _load() -> None:
     header = _distribution_file(_HEADERS_DISTRIBUTION, "oneapi/dnnl/dnnl.hpp")
     shared_object = _distribution_file(_LIBRARY_DISTRIBUTION, "lib/libdnnl.so")
     key = hashlib.sha256(b"\0".join([
-        *(source.read_bytes() for source in _SOURCES), jax.ffi.include_dir().encode(),
+        *(source.read_bytes() for source in (*_SOURCES, *_HEADERS)), jax.ffi.include_dir().encode(),
         importlib.metadata.version("jaxlib").encode(), importlib.metadata.version(_LIBRARY_DISTRIBUTION).encode(),
         str(shared_object).encode(), _cpu_features()])).hexdigest()[:16]
     library = cache_root() / "onednn" / key / "libmeso_onednn.so"

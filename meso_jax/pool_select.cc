@@ -14,22 +14,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "vector8.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Lanes Load(const float* values) {
-  Lanes vector;
-  __builtin_memcpy(&vector, values, sizeof(vector));
-  return vector;
-}
-
-inline void Store(float* values, Lanes vector) { __builtin_memcpy(values, &vector, sizeof(vector)); }
+constexpr int kLanes = meso::kVectorLanes;  // channels per vector
+using Lanes = meso::Vector8;
+using meso::Load;
+using meso::Store;
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> sign,
                    ffi::ResultBuffer<ffi::F32> selected, ffi::ResultBuffer<ffi::F32> winner,
