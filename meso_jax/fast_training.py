@@ -26,7 +26,8 @@ the backward recomputing the convolution while it accumulates the kernel and bia
 image's gradient, when something needs it, still comes from the XLA formulation): the training step
 takes ~1.45x less time than with the XLA formulation (BENCHMARKS.md). The later blocks' forward after
 their convolution (ReLU, statistics, pooling selection) is one pass of ``pool_select.cc`` there instead
-of XLA's pass for each; their backward stays in XLA.
+of XLA's pass for each, and so is their backward up to the convolution's (d(loss)/dz with the bias,
+scale and offset gradients).
 
 Results equal the Flax ConvBlock's (models.ConvBlock) in float32; in tests against a float64
 reference the fused gradients are the more accurate of the two (first_block.cc's kernel gradient is
@@ -195,15 +196,23 @@ def _backward(pool, epsilon, phased_conv, residuals, cotangents):
     grad_pooled = cotangents[0]  # the statistics outputs are returned under stop_gradient
     batch, height, width, _ = x_bhwc.shape
     count = batch * height * width
-    native = kept is None  # the forward ran first_block.cc, which keeps no activations
-    if native:
+    per_channel = jax.ShapeDtypeStruct(bias.shape, jnp.float32)
+    statistics = jnp.stack([scale * inv_std, inv_std, mean])  # the native backwards' BatchNorm coefficients
+    native_first_block = kept is None  # the forward ran first_block.cc, which keeps no activations
+    if native_first_block:
         # The kernel, bias, scale and offset gradients from first_block.cc. The image's gradient (rarely
         # wanted: XLA removes it when nothing uses it) from the activations recomputed below, as without it.
-        per_channel = jax.ShapeDtypeStruct(bias.shape, jnp.float32)
         native_grad_kernel, native_grad_bias, grad_scale, grad_offset = onednn.native_call(
             onednn.FIRST_BLOCK_BACKWARD, (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),) + (per_channel,) * 3,
-            x_bhwc, kernel, bias, winner, selected, grad_pooled, jnp.stack([scale * inv_std, inv_std, mean]))
+            x_bhwc, kernel, bias, winner, selected, grad_pooled, statistics)
         kept = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
+    elif not phased_conv and _native_pool_select(kept, pool):
+        # pool_select.cc (as in the forward): d(loss)/dz and the bias, scale and offset gradients in one pass.
+        grad_z, grad_bias, grad_scale, grad_offset = onednn.native_call(
+            onednn.POOL_SELECT_BACKWARD, (jax.ShapeDtypeStruct(kept.shape, jnp.float32),) + (per_channel,) * 3,
+            kept, bias, winner, selected, grad_pooled, statistics)
+        grad_x, grad_kernel = jax.vjp(_conv, x_bhwc, kernel)[1](grad_z)
+        return grad_x, grad_kernel, grad_bias, grad_scale, grad_offset
     else:
         grad_offset = jnp.sum(grad_pooled, axis=(0, 1, 2))
         grad_scale = jnp.sum(grad_pooled * (selected - mean) * inv_std, axis=(0, 1, 2))
@@ -231,7 +240,7 @@ def _backward(pool, epsilon, phased_conv, residuals, cotangents):
         grad_bias = jnp.sum(grad_z, axis=(0, 1, 2))
     _, conv_vjp = jax.vjp(_conv, x_bhwc, kernel)
     grad_x, grad_kernel = conv_vjp(grad_z)
-    if native:
+    if native_first_block:
         grad_kernel, grad_bias = native_grad_kernel, native_grad_bias
     return grad_x, grad_kernel, grad_bias, grad_scale, grad_offset
 

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "batch_norm_gradients.h"
 #include "vector8.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -228,37 +229,6 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::B
   return ffi::Error::Success();
 }
 
-// BatchNorm's gradients from the pooled ones: grad_offset = sum(grad_pooled), grad_scale =
-// sum(grad_pooled * (selected - mean)) * inv_std, per channel over all windows.
-void BatchNormGradients(const float* grad_data, const float* selected_data, int64_t windows, Channels mean,
-                        Channels inv_std, float* grad_scale, float* grad_offset) {
-  constexpr int64_t kChunk = 256;  // windows summed in float before the double total
-  double total[2 * kOutChannels] = {};
-#pragma omp parallel
-  {
-    double local[2 * kOutChannels] = {};
-#pragma omp for schedule(static)
-    for (int64_t chunk = 0; chunk < (windows + kChunk - 1) / kChunk; ++chunk) {
-      Channels sum_grad = {}, sum_product = {};
-      for (int64_t window = chunk * kChunk; window < windows && window < (chunk + 1) * kChunk; ++window) {
-        const Channels grad = Load(grad_data + window * kOutChannels);
-        sum_grad += grad;
-        sum_product += grad * (Load(selected_data + window * kOutChannels) - mean);
-      }
-      for (int co = 0; co < kOutChannels; ++co) {
-        local[co] += sum_grad[co];
-        local[kOutChannels + co] += sum_product[co];
-      }
-    }
-#pragma omp critical
-    for (int index = 0; index < 2 * kOutChannels; ++index) total[index] += local[index];
-  }
-  for (int co = 0; co < kOutChannels; ++co) {
-    grad_offset[co] = static_cast<float>(total[co]);
-    grad_scale[co] = static_cast<float>(total[kOutChannels + co]) * inv_std[co];
-  }
-}
-
 ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
                     ffi::Buffer<ffi::F32> winner, ffi::Buffer<ffi::F32> selected, ffi::Buffer<ffi::F32> grad_pooled,
                     ffi::Buffer<ffi::F32> statistics, ffi::ResultBuffer<ffi::F32> grad_kernel,
@@ -272,8 +242,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::
   // Rows of `statistics`: scale * inv_std, inv_std, mean.
   const Channels c1 = Load(statistics.typed_data()), inv_std = Load(statistics.typed_data() + kOutChannels);
   const Channels mean = Load(statistics.typed_data() + 2 * kOutChannels);
-  BatchNormGradients(grad_data, selected.typed_data(), batch * out_h * out_w, mean, inv_std,
-                     grad_scale->typed_data(), grad_offset->typed_data());
+  meso::BatchNormGradients(grad_data, selected.typed_data(), batch * out_h * out_w, kOutChannels,
+                           statistics.typed_data() + 2 * kOutChannels, statistics.typed_data() + kOutChannels,
+                           grad_scale->typed_data(), grad_offset->typed_data());
   const float count = static_cast<float>(batch * height * width);
   const Channels c0 = -Load(grad_offset->typed_data()) / count;
   const Channels c2 = -inv_std * Load(grad_scale->typed_data()) / count;

@@ -10,7 +10,7 @@ FFI headers, and kept under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/onednn. The s
 ``materialize``, a pass-through call that makes XLA compute a value once instead of inside each of
 its consumers, and meso_jax.fast_training's kernels (through ``native_call``): Meso-4's first block in
 training (``first_block.cc``) and the later blocks' ReLU, statistics and pooling selection after their
-convolution (``pool_select.cc``). It is compiled for the CPU it runs on
+convolution and its gradient (``pool_select.cc``). It is compiled for the CPU it runs on
 (``-march=native``; the cache is kept per CPU).
 
 Optional: when the library or a C++ compiler is missing, or the build fails, a one-line message says
@@ -42,13 +42,14 @@ from absl import logging
 from meso_jax.user_cache import cache_root
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_conv.cc", "first_block.cc", "pool_select.cc"))
-_HEADERS = (Path(__file__).with_name("vector8.h"),)  # included by the sources: part of the cache key too
+# Included by the sources: part of the cache key too.
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("vector8.h", "batch_norm_gradients.h"))
 _LIBRARY_DISTRIBUTION, _HEADERS_DISTRIBUTION = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS = (
     "MesoOnednnConvForward", "MesoOnednnConvBackwardData", "MesoOnednnConvBackwardWeights")
 _MATERIALIZE = "MesoMaterialize"
 FIRST_BLOCK_FORWARD, FIRST_BLOCK_BACKWARD = "MesoFirstBlockForward", "MesoFirstBlockBackward"
-POOL_SELECT_FORWARD = "MesoPoolSelectForward"
+POOL_SELECT_FORWARD, POOL_SELECT_BACKWARD = "MesoPoolSelectForward", "MesoPoolSelectBackward"
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -119,7 +120,7 @@ def _load() -> None:
     except OSError as error:
         raise BackendUnavailable(f"loading {library} failed: {error}") from None
     for target in (_FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS, _MATERIALIZE, FIRST_BLOCK_FORWARD,
-                   FIRST_BLOCK_BACKWARD, POOL_SELECT_FORWARD):
+                   FIRST_BLOCK_BACKWARD, POOL_SELECT_FORWARD, POOL_SELECT_BACKWARD):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
 
 

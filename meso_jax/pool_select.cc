@@ -1,19 +1,28 @@
-// The forward of Meso-4's later blocks after their convolution, as one XLA FFI call: ReLU(z + bias) ->
-// batch statistics -> pool x pool max-pool selection. Built into the same library as onednn_conv.cc by
-// meso_jax/onednn.py; used by meso_jax/fast_training.py (its backward stays in XLA).
+// The later blocks of Meso-4 after their convolution, as two XLA FFI calls: ReLU(z + bias) -> batch
+// statistics -> pool x pool max-pool selection, and its gradient back to z. Built into the same library as
+// onednn_conv.cc by meso_jax/onednn.py; used by meso_jax/fast_training.py.
 //
-// One pass over the convolution's output, split over threads by rows of pooling windows: per window and
-// 8 channels at a time, the activations at its pool * pool positions, their running sums and sums of
-// squares (BatchNorm's batch statistics), and the selected activation (the maximum, or the minimum for
-// channels with a negative BatchNorm scale: `sign`) with the first position holding it (row-major, as
-// XLA's max-pool gradient picks). XLA's fusions make a pass each for the ReLU, both statistics and the
-// selection. Sums are accumulated in float along a row of windows and in double across rows.
+// Each call is one pass over the convolution's output, split over threads by rows of pooling windows, 8
+// channels at a time (XLA's fusions make a pass each for the ReLU, both statistics and the selection, and
+// for the gradient's product, mask and sums):
+//
+// * Forward: per window, the activations at its pool * pool positions, their running sums and sums of
+//   squares (BatchNorm's batch statistics), and the selected activation (the maximum, or the minimum for
+//   channels with a negative BatchNorm scale: `sign`) with the first position holding it (row-major, as
+//   XLA's max-pool gradient picks).
+// * Backward: d(loss)/dz = [z + bias > 0] * c1 * ([chosen] * grad_pooled + c0 + (a - mean) * c2) at every
+//   position, with the per-channel coefficients (c1, c0, c2) of BatchNorm's closed-form gradient (c0 and c2
+//   from BatchNorm's own gradients, summed over grad_pooled and the selected activations in a first pass),
+//   and the bias gradient (its sum).
+//
+// Sums are accumulated in float along a row of windows and in double across rows.
 
 #include <omp.h>
 
 #include <cstdint>
 #include <vector>
 
+#include "batch_norm_gradients.h"
 #include "vector8.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -26,17 +35,25 @@ using Lanes = meso::Vector8;
 using meso::Load;
 using meso::Store;
 
+using Dims = ffi::Buffer<ffi::F32>::Dimensions;
+
+// z (B, H, W, C) with C a multiple of 8, pooled (B, H/p, W/p, C), bias (C,).
+bool Supported(Dims dims, Dims out_dims, Dims bias_dims) {
+  return dims.size() == 4 && out_dims.size() == 4 && dims[3] % kLanes == 0 && out_dims[1] > 0 &&
+         out_dims[2] > 0 && dims[1] % out_dims[1] == 0 && dims[1] / out_dims[1] * out_dims[2] == dims[2] &&
+         dims[2] % out_dims[2] == 0 && out_dims[0] == dims[0] && out_dims[3] == dims[3] &&
+         bias_dims.size() == 1 && bias_dims[0] == dims[3];
+}
+
+const char kShapeError[] =
+    "pooling selection: expected z (B, H, W, C) with C a multiple of 8, (B, H/p, W/p, C) pooled values";
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> sign,
                    ffi::ResultBuffer<ffi::F32> selected, ffi::ResultBuffer<ffi::F32> winner,
                    ffi::ResultBuffer<ffi::F32> sums) {
   const auto dims = conv.dimensions();
   const auto out_dims = selected->dimensions();
-  if (dims.size() != 4 || out_dims.size() != 4 || dims[3] % kLanes != 0 || out_dims[1] == 0 ||
-      dims[1] % out_dims[1] != 0 || dims[1] / out_dims[1] * out_dims[2] != dims[2] ||
-      dims[2] % out_dims[2] != 0 || bias.dimensions()[0] != dims[3]) {
-    return ffi::Error::InvalidArgument(
-        "pooling selection: expected z (B, H, W, C) with C a multiple of 8 and (B, H/p, W/p, C) results");
-  }
+  if (!Supported(dims, out_dims, bias.dimensions())) return ffi::Error::InvalidArgument(kShapeError);
   const int64_t batch = dims[0], height = dims[1], width = dims[2], channels = dims[3];
   const int64_t out_h = out_dims[1], out_w = out_dims[2], pool = height / out_h;
   const int64_t chunks = channels / kLanes;
@@ -92,6 +109,73 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi::
   return ffi::Error::Success();
 }
 
+ffi::Error Backward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> winner,
+                    ffi::Buffer<ffi::F32> selected, ffi::Buffer<ffi::F32> grad_pooled,
+                    ffi::Buffer<ffi::F32> statistics, ffi::ResultBuffer<ffi::F32> grad_z,
+                    ffi::ResultBuffer<ffi::F32> grad_bias, ffi::ResultBuffer<ffi::F32> grad_scale,
+                    ffi::ResultBuffer<ffi::F32> grad_offset) {
+  const auto dims = conv.dimensions();
+  const auto out_dims = grad_pooled.dimensions();
+  if (!Supported(dims, out_dims, bias.dimensions())) return ffi::Error::InvalidArgument(kShapeError);
+  const int64_t batch = dims[0], height = dims[1], width = dims[2], channels = dims[3];
+  const int64_t out_h = out_dims[1], out_w = out_dims[2], pool = height / out_h;
+  const int64_t chunks = channels / kLanes;
+  // Rows of `statistics`: scale * inv_std, inv_std, mean.
+  const float *c1_data = statistics.typed_data(), *inv_std_data = c1_data + channels;
+  const float* mean_data = c1_data + 2 * channels;
+  meso::BatchNormGradients(grad_pooled.typed_data(), selected.typed_data(), batch * out_h * out_w, channels,
+                           mean_data, inv_std_data, grad_scale->typed_data(), grad_offset->typed_data());
+  const float count = static_cast<float>(batch * height * width);
+  std::vector<Lanes> c1(chunks), c0(chunks), c2(chunks), mean(chunks), bias_v(chunks);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t at = chunk * kLanes;
+    c1[chunk] = Load(c1_data + at);
+    c0[chunk] = -Load(grad_offset->typed_data() + at) / count;
+    c2[chunk] = -Load(inv_std_data + at) * Load(grad_scale->typed_data() + at) / count;
+    mean[chunk] = Load(mean_data + at);
+    bias_v[chunk] = Load(bias.typed_data() + at);
+  }
+  const float *z_data = conv.typed_data(), *winner_data = winner.typed_data();
+  const float* grad_data = grad_pooled.typed_data();
+  float* grad_z_data = grad_z->typed_data();
+  std::vector<double> total(channels, 0.0);
+#pragma omp parallel
+  {
+    std::vector<double> local(channels, 0.0);
+    std::vector<Lanes> row_bias(chunks);
+#pragma omp for schedule(static)
+    for (int64_t window_row = 0; window_row < batch * out_h; ++window_row) {
+      const int64_t b = window_row / out_h, i = window_row % out_h;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) row_bias[chunk] = Lanes{};
+      for (int64_t j = 0; j < out_w; ++j) {
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          const int64_t out = (window_row * out_w + j) * channels + chunk * kLanes;
+          const Lanes winner_v = Load(winner_data + out), grad = Load(grad_data + out), zero = {};
+          Lanes sum = {};
+          for (int64_t position = 0; position < pool * pool; ++position) {
+            const int64_t row = i * pool + position / pool, col = j * pool + position % pool;
+            const int64_t at = ((b * height + row) * width + col) * channels + chunk * kLanes;
+            const Lanes pre = Load(z_data + at) + bias_v[chunk];
+            const Lanes chosen = winner_v == static_cast<float>(position) ? grad : zero;
+            // The ReLU's mask: zero where pre <= 0 (and where it is NaN, as XLA's select).
+            const Lanes gradient = pre > zero ? c1[chunk] * (chosen + c0[chunk] + (pre - mean[chunk]) * c2[chunk]) : zero;
+            Store(grad_z_data + at, gradient);
+            sum += gradient;
+          }
+          row_bias[chunk] += sum;
+        }
+      }
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        for (int lane = 0; lane < kLanes; ++lane) local[chunk * kLanes + lane] += row_bias[chunk][lane];
+      }
+    }
+#pragma omp critical
+    for (int64_t index = 0; index < channels; ++index) total[index] += local[index];
+  }
+  for (int64_t index = 0; index < channels; ++index) grad_bias->typed_data()[index] = static_cast<float>(total[index]);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoPoolSelectForward, Forward,
@@ -102,3 +186,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoPoolSelectForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // selected (B, H/p, W/p, C)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // winner: its position in the window
                                   .Ret<ffi::Buffer<ffi::F32>>());  // sums (2, C): of relu(z), of relu(z)^2
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoPoolSelectBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z (B, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias (C,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // winner (B, H/p, W/p, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // selected
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad_pooled
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // statistics (3, C): scale * inv_std, inv_std, mean
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // grad_z (B, H, W, C)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // grad_bias (C,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // grad_scale (C,)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // grad_offset (C,)

@@ -148,15 +148,16 @@ def test_native_first_block_matches_the_xla_formulation(monkeypatch, height, wid
 
 @pytest.mark.parametrize("channels,pool,flat", [(8, 2, False), (16, 4, False), (16, 4, True)])
 def test_native_pool_selection_matches_the_xla_formulation(monkeypatch, channels, pool, flat):
-    """pool_select.cc (ReLU, statistics and pooling selection after a later block's convolution) against
-    the same block in XLA ops, also on ties."""
+    """pool_select.cc (ReLU, statistics and pooling selection after a later block's convolution, and their
+    gradient) against the same block in XLA ops, also on ties."""
     if not onednn.enabled():
         pytest.skip("the native library (meso_jax.onednn) is unavailable here")
     rng = np.random.default_rng(channels * pool)
     (x, kernel, bias, scale, offset), upstream = _random_block(rng, 3, 16, 5, 8, channels, pool)
     if flat:  # constant patches: windows full of equal values, the gradient to the first position
         x = np.repeat(np.repeat(x[:, ::8, ::8], 8, axis=1), 8, axis=2)
-    _assert_native_matches_xla(monkeypatch, "_native_pool_select", (onednn.POOL_SELECT_FORWARD,),
+    _assert_native_matches_xla(monkeypatch, "_native_pool_select",
+                               (onednn.POOL_SELECT_FORWARD, onednn.POOL_SELECT_BACKWARD),
                                lambda *a: fast_training.conv_relu_bn_pool_train(*a, pool, EPSILON, False),
                                (x, kernel, bias, scale, offset), upstream)
 
