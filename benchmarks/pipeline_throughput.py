@@ -12,7 +12,10 @@ face detection with decoding, and the fast path), given as a multiple of real ti
 scan seconds). Video folder (``--video_dir``, default ../shared/dev_videos): every video's face
 extraction as the scan does it (decode, detection, crops; no model), best of ``--rounds``, with the
 previous-face search (the default) and, alternating with it, with every frame searched over all face
-sizes (``faces.PREVIOUS_FACE_MIN_RATIO`` set to 0).
+sizes (``faces.PREVIOUS_FACE_MIN_RATIO`` set to 0). Training (``--train_dir``, default ../shared/dfdc_faces):
+train_main's default tf.data pipeline alone (decode, resize, flip augmentation, batches of 32), images/s,
+alternating rounds with its files decoded and samples augmented one per Python call
+(``input_pipeline.SAMPLES_PER_CALL`` = 1) and ``SAMPLES_PER_CALL`` at a time.
 """
 
 from __future__ import annotations
@@ -181,6 +184,31 @@ def video_folder(root: pathlib.Path, frames: int, rounds: int) -> dict:
             "x_real_time": {name: duration / t for name, t in totals.items()}}
 
 
+def training_pipeline(data_dir: str, batches: int, rounds: int, augment: str = "flip") -> dict:
+    """The tf.data training pipeline alone (no model), images/s per SAMPLES_PER_CALL setting, best of rounds."""
+    from data_pipelines import input_pipeline
+    prep = preprocessing.Preprocessing(face_detector="none")
+    default = input_pipeline.SAMPLES_PER_CALL
+    best: dict = {}
+    try:
+        for _ in range(rounds):
+            for per_call in (1, default):
+                input_pipeline.SAMPLES_PER_CALL = per_call
+                data = input_pipeline.create_datasets(data_dir, "image", prep, batch_size=32, seed=0, augment=augment)
+                iterator = data.train.as_numpy_iterator()
+                for _ in range(10):  # the pipeline's threads and buffers warm up
+                    next(iterator)
+                start, images = time.perf_counter(), 0
+                for _ in range(batches):
+                    images += len(next(iterator)["image"])
+                rate = images / (time.perf_counter() - start)
+                key = f"samples_per_call_{per_call}_images_per_s"
+                best[key] = max(best.get(key, 0.0), rate)
+    finally:
+        input_pipeline.SAMPLES_PER_CALL = default
+    return {"augment": augment, "batch_size": 32, "batches_timed": batches, **best}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2048)
@@ -191,6 +219,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--train_dir", default=str(SHARED / "dfdc_faces"),
+                        help="labelled folder whose tf.data training pipeline is timed ('' to skip)")
+    parser.add_argument("--train_batches", type=int, default=200)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     info = common.machine_info()
@@ -216,6 +247,11 @@ def main() -> None:
             print(f"| {v['video']} | {v['width']}x{v['height']} | {v['duration_s']:.1f} | {v['previous_face_s']:.2f} | "
                   f"{v['duration_s'] / v['previous_face_s']:.1f} | {v['full_search_s']:.2f} |")
         print("all videos, x real time: " + ", ".join(f"{k} {x:.1f}" for k, x in folder["x_real_time"].items()),
+              flush=True)
+    if args.train_dir and os.path.isdir(args.train_dir):
+        result["training_pipeline"] = training_pipeline(args.train_dir, args.train_batches, args.rounds)
+        print("training pipeline (tf.data, alone):",
+              {k: round(v, 1) if isinstance(v, float) else v for k, v in result["training_pipeline"].items()},
               flush=True)
     info["load_average_at_end"] = list(os.getloadavg())
     out = common.write_json(args.output or common.default_output("pipeline_throughput"), result)

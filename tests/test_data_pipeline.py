@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipelines import cache
+from data_pipelines import cache, input_pipeline
 from data_pipelines.input_pipeline import clip_indices_tf, create_datasets, train_dataset_for_epoch
 from data_pipelines.preprocessing import Preprocessing, read_image_rgb, resize_image
 from data_pipelines.samples import clip_indices
@@ -64,6 +64,25 @@ def test_image_training_data_shapes_weights_and_skipped_files(image_folder):
         real_weight = data.train_count / (2 * data.class_counts["real"])
         np.testing.assert_allclose(batch["weight"], np.where(batch["label"] == 1.0, real_weight,
                                                              data.train_count / (2 * data.class_counts["fake"])))
+
+
+def test_a_file_that_fails_to_decode_loses_only_itself(image_folder, monkeypatch, caplog):
+    """A file whose header passes but whose pixels do not decode is dropped from its group of
+    SAMPLES_PER_CALL files (logged); every other image of the epoch and of validation still arrives once."""
+    corrupt = bytearray((image_folder / "real" / "img00.png").read_bytes())
+    corrupt[100:140] = bytes(40)  # header and end chunk intact, compressed pixels broken
+    (image_folder / "real" / "corrupt.png").write_bytes(bytes(corrupt))
+    monkeypatch.setattr(input_pipeline, "SAMPLES_PER_CALL", 4)  # several groups, one of them short a file
+    data = create_datasets(str(image_folder), "image", SMALL, batch_size=1, seed=0, val_fraction=0.25,
+                           augment="none")
+    assert data.train_count + data.val_count == 21  # counted from the header, before decoding
+    train_images = [batch["image"][0] for batch in batches(data.train)]
+    val_images = [image for batch in batches(data.val) for image in batch["image"]]
+    assert len(train_images) + len(val_images) == 20
+    expected = sorted(resize_image(read_image_rgb(str(image_folder / label / f"img{i:02d}.png")), SMALL).tobytes()
+                      for label, count in (("real", 12), ("fake", 8)) for i in range(count))
+    assert sorted(image.tobytes() for image in train_images + val_images) == expected
+    assert "corrupt.png" in caplog.text
 
 
 def test_validation_is_unaugmented_unshuffled_and_keeps_the_last_batch(image_folder):
