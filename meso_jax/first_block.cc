@@ -237,6 +237,13 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::
   if (!Supported(x.dimensions(), kernel.dimensions())) return ffi::Error::InvalidArgument(kShapeError);
   const int64_t batch = x.dimensions()[0], height = x.dimensions()[1], width = x.dimensions()[2];
   const int64_t out_h = height / kPool, out_w = width / kPool;
+  const int64_t pooled_count = batch * out_h * out_w * kOutChannels;
+  if (winner.element_count() != pooled_count || selected.element_count() != pooled_count ||
+      grad_pooled.element_count() != pooled_count || statistics.element_count() != 3 * kOutChannels) {
+    return ffi::Error::InvalidArgument(
+        "Meso-4 first block backward: expected winners, selected values and grad_pooled (B, H/2, W/2, 8) and "
+        "(3, 8) statistics");
+  }
   const float *x_data = x.typed_data(), *k_data = kernel.typed_data(), *b_data = bias.typed_data();
   const float *winner_data = winner.typed_data(), *grad_data = grad_pooled.typed_data();
   // Rows of `statistics`: scale * inv_std, inv_std, mean.

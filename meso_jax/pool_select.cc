@@ -46,7 +46,8 @@ bool Supported(Dims dims, Dims out_dims, Dims bias_dims) {
 }
 
 const char kShapeError[] =
-    "pooling selection: expected z (B, H, W, C) with C a multiple of 8, (B, H/p, W/p, C) pooled values";
+    "pooling selection: expected z (B, H, W, C) with C a multiple of 8, (B, H/p, W/p, C) pooled values "
+    "(and winners, selected values, (3, C) statistics alike in the backward)";
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> sign,
                    ffi::ResultBuffer<ffi::F32> selected, ffi::ResultBuffer<ffi::F32> winner,
@@ -116,7 +117,10 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi:
                     ffi::ResultBuffer<ffi::F32> grad_offset) {
   const auto dims = conv.dimensions();
   const auto out_dims = grad_pooled.dimensions();
-  if (!Supported(dims, out_dims, bias.dimensions())) return ffi::Error::InvalidArgument(kShapeError);
+  if (!Supported(dims, out_dims, bias.dimensions()) || winner.element_count() != grad_pooled.element_count() ||
+      selected.element_count() != grad_pooled.element_count() || statistics.element_count() != 3 * dims[3]) {
+    return ffi::Error::InvalidArgument(kShapeError);
+  }
   const int64_t batch = dims[0], height = dims[1], width = dims[2], channels = dims[3];
   const int64_t out_h = out_dims[1], out_w = out_dims[2], pool = height / out_h;
   const int64_t chunks = channels / kLanes;
