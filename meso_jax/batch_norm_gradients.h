@@ -34,12 +34,8 @@ inline void BatchNormGradients(const float* grad_pooled, const float* selected, 
           sum_product[v] += grad * (Load(selected + at) - Load(mean + v * kVectorLanes));
         }
       }
-      for (int64_t v = 0; v < vectors; ++v) {
-        for (int lane = 0; lane < kVectorLanes; ++lane) {
-          local[v * kVectorLanes + lane] += sum_grad[v][lane];
-          local[channels + v * kVectorLanes + lane] += sum_product[v][lane];
-        }
-      }
+      AddLanes(sum_grad.data(), vectors, local.data());
+      AddLanes(sum_product.data(), vectors, local.data() + channels);
     }
 #pragma omp critical
     for (int64_t index = 0; index < 2 * channels; ++index) total[index] += local[index];

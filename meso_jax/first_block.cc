@@ -217,10 +217,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::B
         ForwardWindows<1>(image, height, width, i, j, kernel_taps, bias_v, sign_v, selected_row + j * kOutChannels,
                           winner_row + j * kOutChannels, row_sum, row_squares);
       }
-      for (int co = 0; co < kOutChannels; ++co) {
-        local[co] += row_sum[co];
-        local[kOutChannels + co] += row_squares[co];
-      }
+      meso::AddLanes(&row_sum, 1, local);
+      meso::AddLanes(&row_squares, 1, local + kOutChannels);
     }
 #pragma omp critical
     for (int index = 0; index < 2 * kOutChannels; ++index) total[index] += local[index];
@@ -316,10 +314,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::
           row_kernel[ky * kKernel * kInChannels + tap] = sums[0][tap] + sums[1][tap];
         }
       }
-      for (int tap = 0; tap < kTaps; ++tap) {
-        for (int co = 0; co < kOutChannels; ++co) local[tap * kOutChannels + co] += row_kernel[tap][co];
-      }
-      for (int co = 0; co < kOutChannels; ++co) local[kTaps * kOutChannels + co] += row_bias[co];
+      meso::AddLanes(row_kernel, kTaps, local.data());
+      meso::AddLanes(&row_bias, 1, local.data() + kTaps * kOutChannels);
     }
 #pragma omp critical
     for (size_t index = 0; index < total.size(); ++index) total[index] += local[index];

@@ -96,12 +96,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi::
           Store(winner_data + out, best_position);
         }
       }
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        for (int lane = 0; lane < kLanes; ++lane) {
-          local[chunk * kLanes + lane] += row_sum[chunk][lane];
-          local[channels + chunk * kLanes + lane] += row_squares[chunk][lane];
-        }
-      }
+      meso::AddLanes(row_sum.data(), chunks, local.data());
+      meso::AddLanes(row_squares.data(), chunks, local.data() + channels);
     }
 #pragma omp critical
     for (int64_t index = 0; index < 2 * channels; ++index) total[index] += local[index];
@@ -169,9 +165,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi:
           row_bias[chunk] += sum;
         }
       }
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        for (int lane = 0; lane < kLanes; ++lane) local[chunk * kLanes + lane] += row_bias[chunk][lane];
-      }
+      meso::AddLanes(row_bias.data(), chunks, local.data());
     }
 #pragma omp critical
     for (int64_t index = 0; index < channels; ++index) total[index] += local[index];
