@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,12 +134,40 @@ def _assert_native_matches_xla(monkeypatch, native_predicate: str, targets: tupl
         assert error < 1e-5, (name, error)
 
 
-@pytest.mark.parametrize("height,width,flat", [(6, 10, False), (2, 4, False), (16, 12, True)])
-def test_native_first_block_matches_the_xla_formulation(monkeypatch, height, width, flat):
-    """first_block.cc (Meso-4's first block on CPU with the native library) against the same block in XLA
-    ops, at image edges and on ties."""
+@pytest.fixture(scope="module")
+def eight_wide_first_block(tmp_path_factory) -> tuple[str, str]:
+    """first_block.cc built without AVX-512 (its 8-wide kernels, what an AVX2 machine's build runs) and
+    registered under names of its own: (forward, backward) targets. Skips where the library's own build
+    already is that one."""
     if not onednn.enabled():
         pytest.skip("the native library (meso_jax.onednn) is unavailable here")
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or " avx512f" not in cpuinfo.read_text():
+        pytest.skip("no AVX-512 here: the library's own build is the 8-wide one, tested against XLA as it is")
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    library = tmp_path_factory.mktemp("eight_wide") / "libfirst_block_8_wide.so"
+    subprocess.run([compiler, "-O3", "-march=native", "-mno-avx512f", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+                    "-w", f"-I{jax.ffi.include_dir()}", str(Path(onednn.__file__).with_name("first_block.cc")),
+                    "-o", str(library)], check=True, capture_output=True)
+    handle = ctypes.cdll.LoadLibrary(str(library))
+    targets = (onednn.FIRST_BLOCK_FORWARD, onednn.FIRST_BLOCK_BACKWARD)
+    for target in targets:
+        jax.ffi.register_ffi_target(f"{target}8Wide", jax.ffi.pycapsule(getattr(handle, target)), platform="cpu")
+    return tuple(f"{target}8Wide" for target in targets)
+
+
+@pytest.mark.parametrize("height,width,flat", [(6, 10, False), (2, 4, False), (16, 12, True)])
+@pytest.mark.parametrize("build", ["library", "8-wide"])
+def test_native_first_block_matches_the_xla_formulation(monkeypatch, request, build, height, width, flat):
+    """first_block.cc (Meso-4's first block on CPU with the native library) against the same block in XLA
+    ops, at image edges and on ties: the library's build (16-wide kernels on an AVX-512 machine) and the
+    8-wide kernels an AVX2 machine builds."""
+    if not onednn.enabled():
+        pytest.skip("the native library (meso_jax.onednn) is unavailable here")
+    if build == "8-wide":
+        forward, backward = request.getfixturevalue("eight_wide_first_block")
+        monkeypatch.setattr(onednn, "FIRST_BLOCK_FORWARD", forward)
+        monkeypatch.setattr(onednn, "FIRST_BLOCK_BACKWARD", backward)
     rng = np.random.default_rng(height * width)
     (x, kernel, bias, scale, offset), _ = _random_block(rng, 3, 2, 3, 3, 8, 2)
     x = rng.random((3, height, width, 3), np.float32)
