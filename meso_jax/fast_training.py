@@ -1,49 +1,49 @@
 """A fused training-mode "conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool" block with its own gradient.
 
 Meso-4's first block (256x256, 3 -> 8 channels, 3x3, pool 2) is most of a training step on CPU: XLA's
-convolution with 3 input channels is slow, and so is the automatic gradient of the max-pool. This op
-computes the same block (BatchNorm on batch statistics, as in training) in two parts:
+convolution with 3 input channels is slow, and so is the automatic gradient of the max-pool. The block is
+computed in two parts:
 
-* Forward, pool-phase decomposition (shared with fast_inference): for each pooling phase (dy, dx) the
-  conv outputs at rows p*i + dy, columns p*j + dx are one fused sum of k*k*Cin stride-p slices of the
-  padded input times weight vectors (``phased_conv``, for a first layer), or strided slices of one
-  convolution's output (for the later blocks). BatchNorm's per-channel affine map
-  y = (a - mean) * s + offset is monotone, so the max over a window of y comes from the window's max
-  of a = relu(z) (s >= 0) or its min (s < 0): the normalisation is applied once, after pooling.
-* Backward, written out: BatchNorm's gradient in closed form (every pooled output selects exactly one
-  position of its window: the forward keeps which), the ReLU mask, then the weight (and input)
-  gradients of the convolution (oneDNN's where available, see meso_jax.onednn, else XLA's) on the
-  full-resolution gradient: re-interleaved from the phases for a first layer, computed in place over
-  the convolution's output for the later blocks. The input gradient is dead code for a first layer and
-  XLA removes it. The phase outputs, the selected values and their phase are kept in memory for the
-  backward (``onednn.materialize``, where oneDNN is on) rather than recomputed by each of XLA's
-  fusions that reads them.
+* conv -> ReLU -> pooling selection, with its own gradient (``_first_block`` over the image for a first
+  layer, ``_pool_select`` over one convolution's output for the later blocks): BatchNorm's per-channel
+  affine map y = (a - mean) * s + offset is monotone, so the max over a window of y comes from the
+  window's max of a = relu(z) (s >= 0) or its min (s < 0). Its outputs are each window's selected
+  activation and the batch mean and variance of the activations, all three differentiable; the backward
+  is d(loss)/dz = [z > 0] * ([chosen] * d(loss)/d(selected) + d(loss)/d(mean) / N + 2 d(loss)/d(var) *
+  (a - mean) / N), then the weight (and input) gradients of the convolution (oneDNN's where available,
+  see meso_jax.onednn, else XLA's). For a first layer the forward is the pool-phase decomposition (shared
+  with fast_inference): for each pooling phase (dy, dx) the conv outputs at rows p*i + dy, columns
+  p*j + dx are one fused sum of k*k*Cin stride-p slices of the padded input times weight vectors; the
+  input gradient is dead code there and XLA removes it.
+* BatchNorm's affine map, by ordinary JAX ops (so its gradient, the sums over the pooled outputs, is
+  automatic), or, between two such blocks, not at all: the next block takes the selected activations
+  with the map (``Normalized``) and folds it into its convolution (``conv_of_normalized``: kernel scaled
+  per input channel, the offsets' part a per-position bias), which saves a pass over the block's output
+  in the forward and the two sums over it in the backward (the scaled kernel's gradient carries them).
 
 On the CPU with the native library (meso_jax.onednn), Meso-4's first block (RGB -> 8 channels, 3x3,
-pool 2) runs as two calls of ``first_block.cc`` instead: the forward in one pass over the image (each
-window's selected activation and its position, and the sums for the statistics; no activations kept),
-the backward recomputing the convolution while it accumulates the kernel and bias gradients (the
-image's gradient, when something needs it, still comes from the XLA formulation): the training step
-takes ~1.45x less time than with the XLA formulation (BENCHMARKS.md). The later blocks' forward after
-their convolution (ReLU, statistics, pooling selection) is one pass of ``pool_select.cc`` there instead
-of XLA's pass for each, and so is their backward up to the convolution's (d(loss)/dz with the bias,
-scale and offset gradients).
+pool 2) runs as two calls of ``first_block.cc``: the forward in one pass over the image (each window's
+selected activation and its position, and the sums for the statistics; no activations kept), the
+backward recomputing the convolution while it accumulates the kernel and bias gradients (the image's
+gradient, when something needs it, still comes from the XLA formulation). The later blocks' ReLU,
+statistics and pooling selection is one pass of ``pool_select.cc`` there instead of XLA's pass for each,
+and so is their backward up to the convolution's (d(loss)/dz and the bias gradient).
 
-Results equal the Flax ConvBlock's (models.ConvBlock) in float32; in tests against a float64
-reference the fused gradients are the more accurate of the two (first_block.cc's kernel gradient is
-~40x closer to float64 than XLA's at batch 32: it sums in double across rows). Measured in
-benchmarks/model_throughput.py ("training" rows); used by train.py on CPU for Meso-4's first block,
-and for its later blocks too where oneDNN computes the convolutions (``MESO_JAX_FAST_TRAINING=0``
-turns it off).
+Results equal the Flax ConvBlock's (models.ConvBlock) in float32 (tests against the Flax module and a
+float64 reference). Measured in benchmarks/model_throughput.py ("training" rows); used by train.py on CPU
+for Meso-4's first block, and for its later blocks too where oneDNN computes the convolutions
+(``MESO_JAX_FAST_TRAINING=0`` turns it off).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from meso_jax import onednn
 
@@ -119,138 +119,182 @@ def _native_pool_select(z_bhwc: jax.Array, pool: int) -> bool:
             and onednn.enabled())
 
 
-def _native_selection(target, operands, z_shape, pool, scale, offset, epsilon):
-    """A native forward (first_block.cc or pool_select.cc): each window's selected activation and its
-    position, and the sums for the batch statistics, then BatchNorm of the selected activations."""
-    batch, height, width, channels = z_shape
-    pooled_shape = jax.ShapeDtypeStruct((batch, height // pool, width // pool, channels), jnp.float32)
-    sums_shape = jax.ShapeDtypeStruct((2, channels), jnp.float32)
-    sign = window_sign(scale)  # the sign of scale * inv_std
-    selected, winner, sums = onednn.native_call(target, (pooled_shape, pooled_shape, sums_shape), *operands, sign)
-    count = batch * height * width
+class Normalized(NamedTuple):
+    """A block's output with BatchNorm's per-channel affine map not yet applied: ``selected * scale + offset``
+    (B, H, W, C), left to the next block, which folds it into its convolution (conv_of_normalized)."""
+
+    selected: jax.Array
+    scale: jax.Array
+    offset: jax.Array
+
+    def apply(self) -> jax.Array:
+        """The block's output itself."""
+        return self.selected * self.scale + self.offset
+
+
+def _moments(sums: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """Batch mean and (biased) variance from the sums of the activations and of their squares."""
     mean, mean_of_squares = sums[0] / count, sums[1] / count
-    var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
-    inv_std = jax.lax.rsqrt(var + epsilon)
-    pooled = (selected - mean) * (scale * inv_std) + offset
-    return (pooled, mean, var), selected, winner, mean, inv_std
+    return mean, jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
 
 
-def _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv):
-    batch, height, width, _ = x_bhwc.shape
-    z_shape = (batch, height, width, kernel.shape[3])
-    if phased_conv and _native_first_block(x_bhwc, kernel, pool):
-        # first_block.cc: one pass over the image, no activations kept (kept=None).
-        outputs, selected, winner, mean, inv_std = _native_selection(
-            onednn.FIRST_BLOCK_FORWARD, (x_bhwc, kernel, bias), z_shape, pool, scale, offset, epsilon)
-        return outputs, (x_bhwc, kernel, bias, None, selected, winner, mean, inv_std, scale)
-    # relu(z): everything after the ReLU, and its mask (relu(z) > 0 exactly where z > 0), needs only it.
-    if phased_conv:
-        # Split by pooling phase, each computed from the input (pool_phase_conv).
-        activations = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
-        if onednn.enabled():
-            # Each phase's 27-tap sum looks cheap to XLA, which then recomputes it inside every consumer
-            # (statistics, pooling, the four backward fusions): computed once into memory instead, the
-            # training step takes ~320 ms instead of ~400 (BENCHMARKS.md). Kept after the ReLU, so no
-            # consumer writes a second copy.
-            activations = [onednn.materialize(a) for a in activations]
-        kept = activations
-        statistics_over = activations
-    else:
-        # One convolution; its phases are strided views of it, but statistics and the backward run over
-        # the whole array (one pass each instead of one per phase; the gradient needs no re-interleaving).
-        # The backward recomputes relu(z + bias) from z inside its own loop.
-        kept = z = _conv(x_bhwc, kernel)
-        if _native_pool_select(z, pool):
-            # pool_select.cc: ReLU, statistics and selection in one pass (XLA makes one each).
-            outputs, selected, winner, mean, inv_std = _native_selection(
-                onednn.POOL_SELECT_FORWARD, (z, bias), z_shape, pool, scale, offset, epsilon)
-            return outputs, (x_bhwc, kernel, bias, kept, selected, winner, mean, inv_std, scale)
-        full = jax.nn.relu(z + bias)
-        activations = [full[:, dy::pool, dx::pool, :] for dy in range(pool) for dx in range(pool)]
-        statistics_over = [full]
-    count = batch * height * width
-    # Batch statistics of relu(z) over all positions, as flax.linen.BatchNorm computes them.
-    mean = sum(jnp.sum(a, axis=(0, 1, 2)) for a in statistics_over) / count
-    mean_of_squares = sum(jnp.sum(jnp.square(a), axis=(0, 1, 2)) for a in statistics_over) / count
-    var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
-    inv_std = jax.lax.rsqrt(var + epsilon)
-    channel_scale = scale * inv_std
+def _select(activations: list[jax.Array], sign: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each window's selected activation (the maximum over its positions ``activations``, the minimum for
+    channels with a negative ``sign``) and the position holding it (the first, as XLA's max-pool gradient
+    picks), as float32."""
     activation_max = functools.reduce(jnp.maximum, activations)
     activation_min = functools.reduce(jnp.minimum, activations)
-    selected = jnp.where(channel_scale >= 0, activation_max, activation_min)  # the activation each output takes
-    # The phase each output took its value from (the first holding it, as XLA's max-pool gradient picks
-    # the first maximum), kept for the backward, which would otherwise re-derive it (and ``selected``)
-    # from all phases in every phase's gradient.
+    selected = jnp.where(sign >= 0, activation_max, activation_min)
     winner = jnp.full(selected.shape, len(activations) - 1, jnp.float32)
-    for phase in reversed(range(len(activations) - 1)):
-        winner = jnp.where(activations[phase] == selected, jnp.float32(phase), winner)
+    for position in reversed(range(len(activations) - 1)):
+        winner = jnp.where(activations[position] == selected, jnp.float32(position), winner)
     if onednn.enabled():
+        # Kept in memory for the backward, which would otherwise re-derive them in every fusion reading them.
         selected, winner = onednn.materialize(selected), onednn.materialize(winner)
-    pooled = (selected - mean) * channel_scale + offset
-    return (pooled, mean, var), (x_bhwc, kernel, bias, kept, selected, winner, mean, inv_std, scale)
+    return selected, winner
 
 
-def _backward(pool, epsilon, phased_conv, residuals, cotangents):
-    del epsilon
-    x_bhwc, kernel, bias, kept, selected, winner, mean, inv_std, scale = residuals
-    grad_pooled = cotangents[0]  # the statistics outputs are returned under stop_gradient
+def _grad_z(activation, chosen, grad_selected, c0, c2, mean):
+    """d(loss)/dz where relu(z) = ``activation``: the selected values' gradient where the position was
+    ``chosen``, and the batch statistics' (c0 = d(loss)/d(mean) / count, c2 = 2 d(loss)/d(var) / count)."""
+    return jnp.where(activation > 0, jnp.where(chosen, grad_selected, 0.0) + c0 + (activation - mean) * c2, 0.0)
+
+
+def _statistics_gradient_coefficients(cotangents, count: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(d(loss)/d(selected), c0, c2) for _grad_z from the cotangents of (selected, mean, var)."""
+    grad_selected, grad_mean, grad_var = cotangents
+    return grad_selected, grad_mean / count, 2.0 * grad_var / count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _first_block(x_bhwc, kernel, bias, sign, pool):
+    """conv(SAME) + bias -> ReLU -> pooling selection of a block with few input channels, by pooling phase:
+    (selected (B, H/pool, W/pool, Cout), batch mean, batch variance), all three differentiable."""
+    return _first_block_forward(x_bhwc, kernel, bias, sign, pool)[0]
+
+
+def _first_block_forward(x_bhwc, kernel, bias, sign, pool):
     batch, height, width, _ = x_bhwc.shape
     count = batch * height * width
-    per_channel = jax.ShapeDtypeStruct(bias.shape, jnp.float32)
-    statistics = jnp.stack([scale * inv_std, inv_std, mean])  # the native backwards' BatchNorm coefficients
-    native_first_block = kept is None  # the forward ran first_block.cc, which keeps no activations
-    if native_first_block:
-        # The kernel, bias, scale and offset gradients from first_block.cc. The image's gradient (rarely
-        # wanted: XLA removes it when nothing uses it) from the activations recomputed below, as without it.
-        native_grad_kernel, native_grad_bias, grad_scale, grad_offset = onednn.native_call(
-            onednn.FIRST_BLOCK_BACKWARD, (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),) + (per_channel,) * 3,
-            x_bhwc, kernel, bias, winner, selected, grad_pooled, statistics)
+    if _native_first_block(x_bhwc, kernel, pool):
+        # first_block.cc: one pass over the image, no activations kept (kept=None).
+        pooled_shape = jax.ShapeDtypeStruct((batch, height // pool, width // pool, kernel.shape[3]), jnp.float32)
+        selected, winner, sums = onednn.native_call(
+            onednn.FIRST_BLOCK_FORWARD, (pooled_shape, pooled_shape, jax.ShapeDtypeStruct((2, kernel.shape[3]),
+                                                                                          jnp.float32)),
+            x_bhwc, kernel, bias, sign)
+        mean, var = _moments(sums, count)
+        return (selected, mean, var), (x_bhwc, kernel, bias, sign, None, winner, mean)
+    activations = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
+    if onednn.enabled():
+        # Each phase's 27-tap sum looks cheap to XLA, which then recomputes it inside every consumer
+        # (statistics, pooling, the four backward fusions): computed once into memory instead, the
+        # training step takes ~320 ms instead of ~400 (BENCHMARKS.md). Kept after the ReLU, so no
+        # consumer writes a second copy.
+        activations = [onednn.materialize(a) for a in activations]
+    mean = sum(jnp.sum(a, axis=(0, 1, 2)) for a in activations) / count
+    mean_of_squares = sum(jnp.sum(jnp.square(a), axis=(0, 1, 2)) for a in activations) / count
+    var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+    selected, winner = _select(activations, sign)
+    return (selected, mean, var), (x_bhwc, kernel, bias, sign, activations, winner, mean)
+
+
+def _first_block_backward(pool, residuals, cotangents):
+    x_bhwc, kernel, bias, sign, kept, winner, mean = residuals
+    batch, height, width, _ = x_bhwc.shape
+    grad_selected, c0, c2 = _statistics_gradient_coefficients(cotangents, batch * height * width)
+    native = kept is None  # the forward ran first_block.cc, which keeps no activations
+    if native:
+        # The kernel and bias gradients from first_block.cc. The image's gradient (rarely wanted: XLA removes
+        # it when nothing uses it) from the activations recomputed below, as without it.
+        per_channel = jax.ShapeDtypeStruct(bias.shape, jnp.float32)
+        native_grad_kernel, native_grad_bias = onednn.native_call(
+            onednn.FIRST_BLOCK_BACKWARD, (jax.ShapeDtypeStruct(kernel.shape, jnp.float32), per_channel),
+            x_bhwc, kernel, bias, winner, grad_selected, jnp.stack([c0, c2, mean]))
         kept = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
-    elif not phased_conv and _native_pool_select(kept, pool):
-        # pool_select.cc (as in the forward): d(loss)/dz and the bias, scale and offset gradients in one pass.
-        grad_z, grad_bias, grad_scale, grad_offset = onednn.native_call(
-            onednn.POOL_SELECT_BACKWARD, (jax.ShapeDtypeStruct(kept.shape, jnp.float32),) + (per_channel,) * 3,
-            kept, bias, winner, selected, grad_pooled, statistics)
-        grad_x, grad_kernel = jax.vjp(_conv, x_bhwc, kernel)[1](grad_z)
-        return grad_x, grad_kernel, grad_bias, grad_scale, grad_offset
-    else:
-        grad_offset = jnp.sum(grad_pooled, axis=(0, 1, 2))
-        grad_scale = jnp.sum(grad_pooled * (selected - mean) * inv_std, axis=(0, 1, 2))
-
-    def grad_z_of(activation, chosen, grad_pooled_at):
-        """d/dz of BatchNorm (batch statistics) after the ReLU; the pooled gradient reaches only the
-        winning phase's position."""
-        grad_activation = scale * inv_std * (jnp.where(chosen, grad_pooled_at, 0.0) - grad_offset / count
-                                             - (activation - mean) * inv_std * grad_scale / count)
-        return jnp.where(activation > 0, grad_activation, 0.0)
-
-    if phased_conv:
-        grad_phases = [grad_z_of(activation, winner == phase, grad_pooled)
-                       for phase, activation in enumerate(kept)]
-        grad_bias = sum(jnp.sum(g, axis=(0, 1, 2)) for g in grad_phases)
-        grad_z = interleave_pool_phases(grad_phases, pool)
-    else:
-        # In window layout (B, H/pool, pool, W/pool, pool, C): position (dy, dx) of a window is phase
-        # dy * pool + dx.
-        windows_shape = (batch, height // pool, pool, width // pool, pool, kept.shape[-1])
-        phase_of_position = jnp.arange(pool * pool, dtype=jnp.float32).reshape(1, 1, pool, 1, pool, 1)
-        chosen = winner[:, :, None, :, None, :] == phase_of_position
-        grad_z = grad_z_of(jax.nn.relu(kept + bias).reshape(windows_shape), chosen,
-                           grad_pooled[:, :, None, :, None, :]).reshape(kept.shape)
-        grad_bias = jnp.sum(grad_z, axis=(0, 1, 2))
-    _, conv_vjp = jax.vjp(_conv, x_bhwc, kernel)
-    grad_x, grad_kernel = conv_vjp(grad_z)
-    if native_first_block:
-        grad_kernel, grad_bias = native_grad_kernel, native_grad_bias
-    return grad_x, grad_kernel, grad_bias, grad_scale, grad_offset
+    grad_phases = [_grad_z(activation, winner == phase, grad_selected, c0, c2, mean)
+                   for phase, activation in enumerate(kept)]
+    grad_x, grad_kernel = jax.vjp(_conv, x_bhwc, kernel)[1](interleave_pool_phases(grad_phases, pool))
+    if native:
+        return grad_x, native_grad_kernel, native_grad_bias, jnp.zeros_like(sign)
+    return grad_x, grad_kernel, sum(jnp.sum(g, axis=(0, 1, 2)) for g in grad_phases), jnp.zeros_like(sign)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv):
-    return _forward(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv)[0]
+_first_block.defvjp(_first_block_forward, _first_block_backward)
 
 
-_fused_block.defvjp(_forward, _backward)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _pool_select(z_bhwc, bias_hwc, sign, pool):
+    """ReLU(z + bias) -> pooling selection of a convolution's output ``z_bhwc`` with a bias per position
+    ``bias_hwc`` (H, W, C): (selected, batch mean, batch variance), all three differentiable."""
+    return _pool_select_forward(z_bhwc, bias_hwc, sign, pool)[0]
+
+
+def _pool_select_forward(z_bhwc, bias_hwc, sign, pool):
+    batch, height, width, channels = z_bhwc.shape
+    count = batch * height * width
+    if _native_pool_select(z_bhwc, pool):
+        # pool_select.cc: ReLU, statistics and selection in one pass (XLA makes one each).
+        pooled_shape = jax.ShapeDtypeStruct((batch, height // pool, width // pool, channels), jnp.float32)
+        selected, winner, sums = onednn.native_call(
+            onednn.POOL_SELECT_FORWARD,
+            (pooled_shape, pooled_shape, jax.ShapeDtypeStruct((2, channels), jnp.float32)), z_bhwc, bias_hwc, sign)
+        mean, var = _moments(sums, count)
+        return (selected, mean, var), (z_bhwc, bias_hwc, sign, winner, mean)
+    # The pooling phases are strided views of the activations; statistics and the backward run over the
+    # whole array (one pass each instead of one per phase; the gradient needs no re-interleaving). The
+    # backward recomputes relu(z + bias) from z inside its own loop.
+    full = jax.nn.relu(z_bhwc + bias_hwc)
+    mean = jnp.mean(full, axis=(0, 1, 2))
+    var = jnp.maximum(jnp.mean(jnp.square(full), axis=(0, 1, 2)) - jnp.square(mean), 0.0)
+    selected, winner = _select([full[:, dy::pool, dx::pool, :] for dy in range(pool) for dx in range(pool)], sign)
+    return (selected, mean, var), (z_bhwc, bias_hwc, sign, winner, mean)
+
+
+def _pool_select_backward(pool, residuals, cotangents):
+    z_bhwc, bias_hwc, sign, winner, mean = residuals
+    batch, height, width, channels = z_bhwc.shape
+    grad_selected, c0, c2 = _statistics_gradient_coefficients(cotangents, batch * height * width)
+    if _native_pool_select(z_bhwc, pool):
+        # pool_select.cc (as in the forward): d(loss)/dz and the bias gradient in one pass.
+        grad_z, grad_bias = onednn.native_call(
+            onednn.POOL_SELECT_BACKWARD,
+            (jax.ShapeDtypeStruct(z_bhwc.shape, jnp.float32), jax.ShapeDtypeStruct(bias_hwc.shape, jnp.float32)),
+            z_bhwc, bias_hwc, winner, grad_selected, jnp.stack([c0, c2, mean]))
+        return grad_z, grad_bias, jnp.zeros_like(sign)
+    # In window layout (B, H/pool, pool, W/pool, pool, C): position (dy, dx) of a window is phase dy * pool + dx.
+    windows_shape = (batch, height // pool, pool, width // pool, pool, channels)
+    position = jnp.arange(pool * pool, dtype=jnp.float32).reshape(1, 1, pool, 1, pool, 1)
+    grad_z = _grad_z(jax.nn.relu(z_bhwc + bias_hwc).reshape(windows_shape),
+                     winner[:, :, None, :, None, :] == position, grad_selected[:, :, None, :, None, :], c0, c2,
+                     mean).reshape(z_bhwc.shape)
+    return grad_z, jnp.sum(grad_z, axis=0), jnp.zeros_like(sign)
+
+
+_pool_select.defvjp(_pool_select_forward, _pool_select_backward)
+
+
+def _constant_image_conv(value: jax.Array, kernel: jax.Array, height: int, width: int) -> jax.Array:
+    """conv(SAME, zero padding) with ``kernel`` (k, k, Cin, Cout) of a (height, width) image whose every pixel
+    is ``value`` (Cin,): (height, width, Cout), the sum of the kernel taps that fall inside the image."""
+    half = kernel.shape[0] // 2
+
+    def inside(size: int) -> np.ndarray:  # (size, k): whether tap t of position p reads inside the image
+        read = np.arange(size)[:, None] + np.arange(kernel.shape[0])[None, :] - half
+        return ((read >= 0) & (read < size)).astype(np.float32)
+
+    taps = jnp.einsum("yxio,i->yxo", kernel, value)
+    return jnp.einsum("hy,wx,yxo->hwo", inside(height), inside(width), taps)
+
+
+def conv_of_normalized(inputs: Normalized, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """conv(SAME, zero padding, no bias) of ``inputs.apply()`` without computing it (a pass over memory saved
+    each way): the convolution of ``inputs.selected`` with the kernel's input channels scaled, plus that of
+    the image of offsets, the same for every image of the batch: (z (B, H, W, Cout), the offsets' part
+    (H, W, Cout)), whose sum is the convolution."""
+    selected, scale, offset = inputs
+    _, height, width, _ = selected.shape
+    return _conv(selected, kernel * scale[:, None]), _constant_image_conv(offset, kernel, height, width)
 
 
 def supports(input_shape: tuple[int, ...], kernel_size: int, pool: int) -> bool:
@@ -260,18 +304,36 @@ def supports(input_shape: tuple[int, ...], kernel_size: int, pool: int) -> bool:
         and input_shape[2] % pool == 0
 
 
-def conv_relu_bn_pool_train(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array,
-                            offset: jax.Array, pool: int, epsilon: float, phased_conv: bool = True
-                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode block: max_pool(BatchNorm(relu(conv(x) + bias))) with batch statistics.
+def conv_relu_bn_pool_train(inputs: jax.Array | Normalized, kernel: jax.Array, bias: jax.Array, scale: jax.Array,
+                            offset: jax.Array, pool: int, epsilon: float, phased_conv: bool = True,
+                            defer_normalization: bool = False
+                            ) -> tuple[jax.Array | Normalized, jax.Array, jax.Array]:
+    """Training-mode block: max_pool(BatchNorm(relu(conv(inputs) + bias))) with batch statistics.
 
-    kernel (k, k, Cin, Cout) with k odd, SAME padding; BatchNorm ``scale``/``offset`` (Cout,);
-    H and W divisible by ``pool``. ``phased_conv``: compute the convolution per pooling phase from the
-    input (fast for few input channels) instead of as one convolution. Returns (pooled (B, H/pool,
-    W/pool, Cout), batch mean, batch variance (biased) of the ReLU outputs); the statistics carry no
-    gradient.
+    kernel (k, k, Cin, Cout) with k odd, SAME padding; BatchNorm ``scale``/``offset`` (Cout,); H and W
+    divisible by ``pool``. ``phased_conv``: compute the convolution per pooling phase from the input (fast for
+    few input channels, e.g. RGB) instead of as one convolution. ``inputs``: an array (B, H, W, Cin), or
+    (not with ``phased_conv``) a previous block's Normalized output, folded into this convolution.
+    ``defer_normalization``: return the pooled output as Normalized (for the next block to fold). Returns
+    (pooled (B, H/pool, W/pool, Cout), batch mean, batch variance (biased) of the ReLU outputs); the
+    statistics carry no gradient.
     """
-    pooled, mean, var = _fused_block(x_bhwc, kernel, bias, scale, offset, pool, epsilon, phased_conv)
+    sign = jax.lax.stop_gradient(window_sign(scale))  # BatchNorm is monotone: pool its input, max or min
+    if phased_conv:
+        selected, mean, var = _first_block(inputs, kernel, bias, sign, pool)
+    else:
+        if isinstance(inputs, Normalized):
+            z, offsets_part = conv_of_normalized(inputs, kernel)
+            bias_hwc = offsets_part + bias
+        else:
+            z = _conv(inputs, kernel)
+            bias_hwc = jnp.broadcast_to(bias, z.shape[1:])
+        selected, mean, var = _pool_select(z, bias_hwc, sign, pool)
+    channel_scale = scale * jax.lax.rsqrt(var + epsilon)
+    if defer_normalization:
+        pooled = Normalized(selected, channel_scale, offset - mean * channel_scale)
+    else:
+        pooled = (selected - mean) * channel_scale + offset
     return pooled, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 

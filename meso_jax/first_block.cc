@@ -10,11 +10,12 @@
 //   their squares (BatchNorm's batch statistics), and the window's selected activation (its maximum, or its
 //   minimum for channels with a negative BatchNorm scale: `sign`) with the first position holding it
 //   (row-major, as XLA's max-pool gradient picks). The activations themselves are not stored.
+//   BatchNorm's affine map is applied by the caller (or folded into the next convolution).
 // * Backward: recomputes each position's activation and accumulates the kernel and bias gradients of
-//   d(loss)/dz = [z > 0] * c1 * ([chosen] * grad_pooled + c0 + (a - mean) * c2), with the per-channel
-//   coefficients (c1, c0, c2) of BatchNorm's closed-form gradient (c0 and c2 from BatchNorm's own
-//   gradients, summed over grad_pooled and the selected activations in a first pass): d(loss)/dz of a row
-//   of windows into a buffer, then the kernel gradient as running sums over it.
+//   d(loss)/dz = [z > 0] * ([chosen] * grad_selected + c0 + (a - mean) * c2), with the per-channel
+//   coefficients c0 = d(loss)/d(mean) / count and c2 = 2 d(loss)/d(var) / count of the batch statistics'
+//   gradients: d(loss)/dz of a row of windows into a buffer, then the kernel gradient as running sums
+//   over it.
 //
 // Two implementations of a window row's work (class WindowRowKernel), chosen when the library is compiled
 // for the machine (-march=native):
@@ -36,7 +37,6 @@
 #include <immintrin.h>
 #endif
 
-#include "batch_norm_gradients.h"
 #include "vector8.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -54,10 +54,10 @@ static_assert(kOutChannels == meso::kVectorLanes, "one vector holds a position's
 using meso::Load;
 using meso::Store;
 
-// BatchNorm's gradient through the block: d(loss)/dz = [z > 0] * c1 * ([chosen] * grad_pooled + c0 +
-// (z - mean) * c2), per channel.
+// The gradient through the block: d(loss)/dz = [z > 0] * ([chosen] * grad_selected + c0 + (z - mean) * c2),
+// per channel.
 struct GradientCoefficients {
-  Channels c1, c0, c2, mean;
+  Channels c0, c2, mean;
 };
 
 #if defined(__AVX512F__)
@@ -67,7 +67,9 @@ typedef float Pairs __attribute__((vector_size(kPool * kOutChannels * sizeof(flo
 typedef double PairsAsDoubles __attribute__((vector_size(sizeof(Pairs))));
 static_assert(kPool == 2, "a window's row is a pair of columns");
 
-inline Pairs Duplicate(Channels v) { return __builtin_shufflevector(v, v, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7); }
+inline Pairs Duplicate(Channels v) {
+  return __builtin_shufflevector(v, v, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+}
 inline Channels LeftColumn(Pairs v) { return __builtin_shufflevector(v, v, 0, 2, 4, 6, 8, 10, 12, 14); }
 inline Channels RightColumn(Pairs v) { return __builtin_shufflevector(v, v, 1, 3, 5, 7, 9, 11, 13, 15); }
 inline Pairs SwapColumns(Pairs v) {
@@ -127,8 +129,8 @@ class WindowRowKernel {
                 const GradientCoefficients& coefficients, double* gradients) {
     const float* rows[kSpan];
     Rows(x_data, b, i, rows);
-    const Pairs pair_coefficients[4] = {Duplicate(coefficients.c1), Duplicate(coefficients.c0),
-                                        Duplicate(coefficients.c2), Duplicate(coefficients.mean)};
+    const Pairs pair_coefficients[3] = {Duplicate(coefficients.c0), Duplicate(coefficients.c2),
+                                        Duplicate(coefficients.mean)};
     Pairs row_bias = {};
     int64_t j = 0;
     for (; j + kWindowsTogether <= windows_; j += kWindowsTogether) {
@@ -252,11 +254,10 @@ class WindowRowKernel {
   // grad_z_[dy * windows_ + w]) and added to the row's bias gradient.
   template <int kWindows>
   void GradZWindows(const float* const rows[kSpan], int64_t j, const float* winner_row, const float* grad_row,
-                    const Pairs coefficients[4], Pairs& row_bias) {
+                    const Pairs coefficients[3], Pairs& row_bias) {
     Pairs z[kPool][kWindows];
     ConvPairs<kWindows>(rows, j, z);
-    const Pairs zero = {}, c1 = coefficients[0], c0 = coefficients[1], c2 = coefficients[2];
-    const Pairs mean = coefficients[3];
+    const Pairs zero = {}, c0 = coefficients[0], c2 = coefficients[1], mean = coefficients[2];
     // The window position of each lane of row dy: dy * kPool + column.
     const Pairs positions[kPool] = {Pairs{0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1},
                                     Pairs{2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3}};
@@ -268,7 +269,7 @@ class WindowRowKernel {
       for (int dy = 0; dy < kPool; ++dy) {
         const Pairs value = z[dy][w];
         const Pairs chosen = winner == positions[dy] ? grad + c0 : c0;
-        const Pairs gradient = value > zero ? c1 * (chosen + (value - mean) * c2) : zero;
+        const Pairs gradient = value > zero ? chosen + (value - mean) * c2 : zero;
         grad_z_[dy * windows_ + j + w] = gradient;
         row_bias += gradient;
       }
@@ -469,8 +470,7 @@ class WindowRowKernel {
     LoadWindows(image, height_, width_, i, j, windows);
     Channels z[kWindows][kPool * kPool];
     ConvAt(windows, taps_, bias_, z);
-    const Channels zero = {}, c1 = coefficients.c1, c0 = coefficients.c0, c2 = coefficients.c2;
-    const Channels mean = coefficients.mean;
+    const Channels zero = {}, c0 = coefficients.c0, c2 = coefficients.c2, mean = coefficients.mean;
 #pragma GCC unroll 8
     for (int w = 0; w < kWindows; ++w) {
       const Channels winner = Load(winner_row + (j + w) * kOutChannels);
@@ -480,7 +480,7 @@ class WindowRowKernel {
       for (int position = 0; position < kPool * kPool; ++position) {
         const Channels chosen = winner == static_cast<float>(position) ? grad : zero;
         const Channels value = z[w][position];
-        gradient[position] = value > zero ? c1 * (chosen + c0 + (value - mean) * c2) : zero;
+        gradient[position] = value > zero ? chosen + c0 + (value - mean) * c2 : zero;
         const int dy = position / kPool, dx = position % kPool;
         grad_z_[dy * width_ + (j + w) * kPool + dx] = gradient[position];
       }
@@ -535,30 +535,25 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::B
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
-                    ffi::Buffer<ffi::F32> winner, ffi::Buffer<ffi::F32> selected, ffi::Buffer<ffi::F32> grad_pooled,
-                    ffi::Buffer<ffi::F32> statistics, ffi::ResultBuffer<ffi::F32> grad_kernel,
-                    ffi::ResultBuffer<ffi::F32> grad_bias, ffi::ResultBuffer<ffi::F32> grad_scale,
-                    ffi::ResultBuffer<ffi::F32> grad_offset) {
+                    ffi::Buffer<ffi::F32> winner, ffi::Buffer<ffi::F32> grad_selected,
+                    ffi::Buffer<ffi::F32> coefficients, ffi::ResultBuffer<ffi::F32> grad_kernel,
+                    ffi::ResultBuffer<ffi::F32> grad_bias) {
   if (!Supported(x.dimensions(), kernel.dimensions())) return ffi::Error::InvalidArgument(kShapeError);
   const int64_t batch = x.dimensions()[0], height = x.dimensions()[1], width = x.dimensions()[2];
   const int64_t out_h = height / kPool, out_w = width / kPool;
   const int64_t pooled_count = batch * out_h * out_w * kOutChannels;
-  if (winner.element_count() != pooled_count || selected.element_count() != pooled_count ||
-      grad_pooled.element_count() != pooled_count || statistics.element_count() != 3 * kOutChannels) {
+  if (winner.element_count() != pooled_count || grad_selected.element_count() != pooled_count ||
+      coefficients.element_count() != 3 * kOutChannels) {
     return ffi::Error::InvalidArgument(
-        "Meso-4 first block backward: expected winners, selected values and grad_pooled (B, H/2, W/2, 8) and "
-        "(3, 8) statistics");
+        "Meso-4 first block backward: expected winners and grad_selected (B, H/2, W/2, 8) and (3, 8) "
+        "coefficients");
   }
-  const float *x_data = x.typed_data(), *winner_data = winner.typed_data(), *grad_data = grad_pooled.typed_data();
-  // Rows of `statistics`: scale * inv_std, inv_std, mean.
-  const Channels inv_std = Load(statistics.typed_data() + kOutChannels);
-  meso::BatchNormGradients(grad_data, selected.typed_data(), batch * out_h * out_w, kOutChannels,
-                           statistics.typed_data() + 2 * kOutChannels, statistics.typed_data() + kOutChannels,
-                           grad_scale->typed_data(), grad_offset->typed_data());
-  const float count = static_cast<float>(batch * height * width);
-  const GradientCoefficients coefficients = {Load(statistics.typed_data()), -Load(grad_offset->typed_data()) / count,
-                                             -inv_std * Load(grad_scale->typed_data()) / count,
-                                             Load(statistics.typed_data() + 2 * kOutChannels)};
+  const float *x_data = x.typed_data(), *winner_data = winner.typed_data();
+  const float* grad_data = grad_selected.typed_data();
+  // Rows of `coefficients`: c0, c2, mean.
+  const GradientCoefficients gradient_coefficients = {Load(coefficients.typed_data()),
+                                                      Load(coefficients.typed_data() + kOutChannels),
+                                                      Load(coefficients.typed_data() + 2 * kOutChannels)};
   std::vector<double> total(kTaps * kOutChannels + kOutChannels, 0.0);
 #pragma omp parallel
   {
@@ -568,7 +563,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::
     for (int64_t window_row = 0; window_row < batch * out_h; ++window_row) {
       kernel_rows.Backward(x_data, window_row / out_h, window_row % out_h,
                            winner_data + window_row * out_w * kOutChannels,
-                           grad_data + window_row * out_w * kOutChannels, coefficients, local.data());
+                           grad_data + window_row * out_w * kOutChannels, gradient_coefficients, local.data());
     }
 #pragma omp critical
     for (size_t index = 0; index < total.size(); ++index) total[index] += local[index];
@@ -600,10 +595,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MesoFirstBlockBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // winner
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // selected
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad_pooled (B, H/2, W/2, 8)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // statistics (3, 8): scale * inv_std, inv_std, mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad_selected (B, H/2, W/2, 8)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // coefficients (3, 8): c0, c2, mean
                                   .Ret<ffi::Buffer<ffi::F32>>()  // grad_kernel (3, 3, 3, 8)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // grad_bias (8,)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // grad_scale (8,)
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // grad_offset (8,)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // grad_bias (8,)

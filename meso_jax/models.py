@@ -89,6 +89,9 @@ class ConvBlock(nn.Module):
     fused_training: in training mode, compute the block with fast_training's fused op (same variables,
     same results, its own gradient; faster on CPU). phased_conv: the fused op computes the convolution
     per pooling phase from the input (few input channels, e.g. RGB) rather than as one convolution.
+    defer_normalization: where the fused op runs, return its output as fast_training.Normalized (BatchNorm's
+    affine map still to apply), for a next fused block to fold into its convolution. The block takes such
+    an output as its input too.
     """
 
     features: int
@@ -96,23 +99,29 @@ class ConvBlock(nn.Module):
     pool: int
     fused_training: bool = False
     phased_conv: bool = True
+    defer_normalization: bool = False
 
     @nn.compact
-    def __call__(self, images_bhwc: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, images_bhwc: jax.Array | fast_training.Normalized, train: bool
+                 ) -> jax.Array | fast_training.Normalized:
+        shape = images_bhwc.selected.shape if isinstance(images_bhwc, fast_training.Normalized) else images_bhwc.shape
         if (train and self.fused_training and not self.is_initializing()
-                and fast_training.supports(images_bhwc.shape, self.kernel_size, self.pool)):
+                and fast_training.supports(shape, self.kernel_size, self.pool)
+                and not (self.phased_conv and isinstance(images_bhwc, fast_training.Normalized))):
             return self._fused_train(images_bhwc)
+        if isinstance(images_bhwc, fast_training.Normalized):
+            images_bhwc = images_bhwc.apply()
         x = _conv(self.features, self.kernel_size)(images_bhwc)
         x = _batch_norm(train)(nn.relu(x))
         return _max_pool(x, self.pool)
 
-    def _fused_train(self, images_bhwc: jax.Array) -> jax.Array:
+    def _fused_train(self, images_bhwc: jax.Array | fast_training.Normalized) -> jax.Array | fast_training.Normalized:
         """The training-mode block on the variables nn.Conv ("Conv_0") and nn.BatchNorm ("BatchNorm_0")
         own, updating the running statistics as flax.linen.BatchNorm does."""
         conv, norm = self.variables["params"]["Conv_0"], self.variables["params"]["BatchNorm_0"]
         pooled, batch_mean, batch_var = fast_training.conv_relu_bn_pool_train(
             images_bhwc, conv["kernel"], conv["bias"], norm["scale"], norm["bias"], self.pool, KERAS_BN_EPSILON,
-            self.phased_conv)
+            self.phased_conv, self.defer_normalization)
         if self.is_mutable_collection("batch_stats"):
             running = self.variables["batch_stats"]["BatchNorm_0"]
             self.put_variable("batch_stats", "BatchNorm_0", {
@@ -144,8 +153,9 @@ class Meso4(nn.Module):
 
     fused_first_block: train the first block (3 -> 8 channels at full resolution, most of a CPU
     training step) with fast_training's fused op; fused_later_blocks: blocks 2-4 too (over one
-    convolution each: pays off where oneDNN computes the convolutions). Variables and results are
-    the same either way. dropout_rate: the head's dropout in training (the paper's 0.5).
+    convolution each: pays off where oneDNN computes the convolutions), each block's BatchNorm then
+    folded into the next block's convolution. Variables and results are the same either way.
+    dropout_rate: the head's dropout in training (the paper's 0.5).
     """
 
     fused_first_block: bool = False
@@ -154,10 +164,12 @@ class Meso4(nn.Module):
 
     @nn.compact
     def __call__(self, images_bhwc: jax.Array, train: bool = False) -> jax.Array:
-        x = ConvBlock(8, 3, 2, fused_training=self.fused_first_block)(images_bhwc, train)
-        for features, kernel_size, pool in ((8, 5, 2), (16, 5, 2), (16, 5, 4)):
-            x = ConvBlock(features, kernel_size, pool, fused_training=self.fused_later_blocks,
-                          phased_conv=False)(x, train)
+        x = ConvBlock(8, 3, 2, fused_training=self.fused_first_block,
+                      defer_normalization=self.fused_later_blocks)(images_bhwc, train)
+        later_blocks = ((8, 5, 2), (16, 5, 2), (16, 5, 4))
+        for index, (features, kernel_size, pool) in enumerate(later_blocks):
+            x = ConvBlock(features, kernel_size, pool, fused_training=self.fused_later_blocks, phased_conv=False,
+                          defer_normalization=self.fused_later_blocks and index < len(later_blocks) - 1)(x, train)
         return ClassifierHead(dropout_rate=self.dropout_rate)(x, train)
 
 

@@ -43,7 +43,7 @@ from meso_jax.user_cache import cache_root
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_conv.cc", "first_block.cc", "pool_select.cc"))
 # Included by the sources: part of the cache key too.
-_HEADERS = tuple(Path(__file__).with_name(name) for name in ("vector8.h", "batch_norm_gradients.h"))
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("vector8.h",))
 _LIBRARY_DISTRIBUTION, _HEADERS_DISTRIBUTION = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS = (
     "MesoOnednnConvForward", "MesoOnednnConvBackwardData", "MesoOnednnConvBackwardWeights")

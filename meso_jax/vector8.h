@@ -1,6 +1,6 @@
-// Eight float32 values as one vector, for the native kernels (first_block.cc, pool_select.cc,
-// batch_norm_gradients.h): a GCC/Clang vector extension, compiled to AVX registers where the CPU has them
-// (the library is built for the machine it runs on, see meso_jax/onednn.py).
+// Eight float32 values as one vector, for the native kernels (first_block.cc, pool_select.cc): a GCC/Clang
+// vector extension, compiled to AVX registers where the CPU has them (the library is built for the machine
+// it runs on, see meso_jax/onednn.py).
 #pragma once
 
 #include <cstdint>

@@ -180,20 +180,57 @@ def test_native_first_block_matches_the_xla_formulation(monkeypatch, request, bu
                                (x, kernel, bias, scale, offset), upstream)
 
 
-@pytest.mark.parametrize("channels,pool,flat", [(8, 2, False), (16, 4, False), (16, 4, True)])
-def test_native_pool_selection_matches_the_xla_formulation(monkeypatch, channels, pool, flat):
+@pytest.mark.parametrize("channels,pool,flat,folded", [(8, 2, False, False), (16, 4, False, False),
+                                                       (16, 4, True, False), (8, 2, False, True)])
+def test_native_pool_selection_matches_the_xla_formulation(monkeypatch, channels, pool, flat, folded):
     """pool_select.cc (ReLU, statistics and pooling selection after a later block's convolution, and their
-    gradient) against the same block in XLA ops, also on ties."""
+    gradient) against the same block in XLA ops, also on ties, and with the previous block's BatchNorm
+    folded into the convolution (a bias that changes near the edges)."""
     if not onednn.enabled():
         pytest.skip("the native library (meso_jax.onednn) is unavailable here")
     rng = np.random.default_rng(channels * pool)
     (x, kernel, bias, scale, offset), upstream = _random_block(rng, 3, 16, 5, 8, channels, pool)
     if flat:  # constant patches: windows full of equal values, the gradient to the first position
         x = np.repeat(np.repeat(x[:, ::8, ::8], 8, axis=1), 8, axis=2)
+    previous_scale, previous_offset = rng.standard_normal((2, 8), np.float32)
+
+    def block(x, *parameters):
+        inputs = fast_training.Normalized(x, previous_scale, previous_offset) if folded else x
+        return fast_training.conv_relu_bn_pool_train(inputs, *parameters, pool, EPSILON, False)
+
     _assert_native_matches_xla(monkeypatch, "_native_pool_select",
-                               (onednn.POOL_SELECT_FORWARD, onednn.POOL_SELECT_BACKWARD),
-                               lambda *a: fast_training.conv_relu_bn_pool_train(*a, pool, EPSILON, False),
+                               (onednn.POOL_SELECT_FORWARD, onednn.POOL_SELECT_BACKWARD), block,
                                (x, kernel, bias, scale, offset), upstream)
+
+
+@pytest.mark.parametrize("shape,kernel_size", [((2, 12, 10, 8), 5), ((2, 4, 2, 8), 5), ((3, 6, 8, 3), 3)])
+def test_conv_of_normalized_is_the_convolution_of_the_normalized_input(shape, kernel_size):
+    """A previous block's BatchNorm folded into the convolution (scaled kernel, per-position offsets' part)
+    gives the convolution of the normalized input, in value and in every gradient, at the edges too and on
+    images smaller than the kernel."""
+    rng = np.random.default_rng(kernel_size)
+    selected = rng.random(shape, np.float32)
+    scale = rng.standard_normal(shape[3], np.float32)
+    offset = rng.standard_normal(shape[3], np.float32)
+    kernel = rng.standard_normal((kernel_size, kernel_size, shape[3], 4), np.float32)
+    upstream = rng.standard_normal((*shape[:3], 4), np.float32)
+
+    def folded(selected, scale, offset, kernel):
+        z, offsets_part = fast_training.conv_of_normalized(fast_training.Normalized(selected, scale, offset), kernel)
+        return jnp.sum((z + offsets_part) * upstream)
+
+    def explicit(selected, scale, offset, kernel):
+        normalized = fast_training.Normalized(selected, scale, offset).apply()
+        z = jax.lax.conv_general_dilated(normalized, kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(z * upstream)
+
+    arguments = (selected, scale, offset, kernel)
+    got = jax.jit(jax.value_and_grad(folded, argnums=(0, 1, 2, 3)))(*arguments)
+    want = jax.jit(jax.value_and_grad(explicit, argnums=(0, 1, 2, 3)))(*arguments)
+    for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        error = np.max(np.abs(np.asarray(got_leaf) - np.asarray(want_leaf))) / (np.max(np.abs(want_leaf)) + 1e-6)
+        assert error < 1e-5
 
 
 @pytest.mark.parametrize("kernel_size,in_channels,phased_conv", [(3, 3, True), (5, 8, False)])
