@@ -30,6 +30,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -93,7 +94,7 @@ inline void AddPairLanes(const Pairs* sums, int64_t count, double* totals) {
 }
 
 // Windows computed together; a row's last windows, when fewer remain, one at a time.
-constexpr int kWindowsTogether = 4;
+constexpr int kWindowsTogether = 8;
 
 // One thread's work on rows of windows of images (B, height, width, 3), for the kernel (3, 3, 3, 8) and bias.
 class WindowRowKernel {
@@ -195,27 +196,29 @@ class WindowRowKernel {
     }
   }
 
-  // z[dy][w] = bias + conv at row dy of window j + w, both columns at once. A loop over the kernel's columns
-  // and input channels (kx, ci), each step all 3 kernel rows: each broadcast pixel pair feeds the window
-  // rows that read it (fully unrolled, GCC keeps too many values alive and spills them).
+  // z[dy][w] = bias + conv at row dy of window j + w, both columns at once: the taps added in kernel order
+  // (ky, kx, ci), as the 8-wide kernels and XLA's formulation add them (the same sums to the last bit, so the
+  // same window maxima). Each broadcast pixel pair feeds both window rows that read it; a loop over the
+  // input rows, each step all 9 (kx, ci) of the row (fully unrolled, GCC keeps too many values alive and
+  // spills them).
   template <int kWindows>
   void ConvPairs(const float* const rows[kSpan], int64_t j, Pairs z[kPool][kWindows]) const {
 #pragma GCC unroll 8
     for (int w = 0; w < kWindows; ++w) z[0][w] = z[1][w] = bias_;
-#pragma GCC unroll 1
-    for (int column = 0; column < kKernel * kInChannels; ++column) {
-      const int kx = column / kInChannels, ci = column % kInChannels;
-      Pairs weight[kKernel];
-#pragma GCC unroll 3
-      for (int ky = 0; ky < kKernel; ++ky) weight[ky] = taps_[ky * kKernel * kInChannels + column];
-      const int64_t offset = ci * stride_ + j * kPool + kx;
 #pragma GCC unroll 4
-      for (int r = 0; r < kSpan; ++r) {
+    for (int r = 0; r < kSpan; ++r) {
+#pragma GCC unroll 1
+      for (int column = 0; column < kKernel * kInChannels; ++column) {
+        const int kx = column / kInChannels, ci = column % kInChannels;
+        const float* pixels = rows[r] + ci * stride_ + j * kPool + kx;
+        // Row r is kernel row r of the windows' top row and kernel row r - 1 of their bottom row.
+        const Pairs top_weight = taps_[std::min(r, kKernel - 1) * kKernel * kInChannels + column];
+        const Pairs bottom_weight = taps_[std::max(r - 1, 0) * kKernel * kInChannels + column];
 #pragma GCC unroll 8
         for (int w = 0; w < kWindows; ++w) {
-          const Pairs pixels = BroadcastPair(rows[r] + offset + w * kPool);
-          if (r < kKernel) z[0][w] += pixels * weight[r];
-          if (r >= 1) z[1][w] += pixels * weight[r - 1];
+          const Pairs pair = BroadcastPair(pixels + w * kPool);
+          if (r < kKernel) z[0][w] += pair * top_weight;
+          if (r >= 1) z[1][w] += pair * bottom_weight;
         }
       }
     }

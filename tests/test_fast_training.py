@@ -180,6 +180,24 @@ def test_native_first_block_matches_the_xla_formulation(monkeypatch, request, bu
                                (x, kernel, bias, scale, offset), upstream)
 
 
+def test_both_first_block_builds_sum_the_convolution_in_the_same_order(eight_wide_first_block):
+    """The 16-wide (AVX-512) and 8-wide kernels add the taps in the same order, so their window maxima and
+    winning positions are the same to the last bit (the statistics' sums to float rounding): a last-bit
+    difference would send the gradient of a near-tied window to another position, which Adam amplifies
+    (8 devices, where XLA computes the block, would then train differently from 1)."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (2, 64, 96, 3)).astype(np.float32) / 255
+    kernel = rng.standard_normal((3, 3, 3, 8), np.float32) * 0.3
+    bias, sign = rng.standard_normal(8, np.float32) * 0.1, np.where(rng.random(8) < 0.5, -1.0, 1.0).astype(np.float32)
+    pooled = jax.ShapeDtypeStruct((2, 32, 48, 8), jnp.float32)
+    shapes = (pooled, pooled, jax.ShapeDtypeStruct((2, 8), jnp.float32))
+    library, eight_wide = (jax.jit(lambda *a, target=target: onednn.native_call(target, shapes, *a))(
+        x, kernel, bias, sign) for target in (onednn.FIRST_BLOCK_FORWARD, eight_wide_first_block[0]))
+    for got, want in zip(library[:2], eight_wide[:2]):  # selected, winner
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(library[2]), np.asarray(eight_wide[2]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("channels,pool,flat,folded", [(8, 2, False, False), (16, 4, False, False),
                                                        (16, 4, True, False), (8, 2, False, True)])
 def test_native_pool_selection_matches_the_xla_formulation(monkeypatch, channels, pool, flat, folded):
