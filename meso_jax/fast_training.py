@@ -179,10 +179,9 @@ def _first_block_forward(x_bhwc, kernel, bias, sign, pool):
     if _native_first_block(x_bhwc, kernel, pool):
         # first_block.cc: one pass over the image, no activations kept (kept=None).
         pooled_shape = jax.ShapeDtypeStruct((batch, height // pool, width // pool, kernel.shape[3]), jnp.float32)
+        sums_shape = jax.ShapeDtypeStruct((2, kernel.shape[3]), jnp.float32)
         selected, winner, sums = onednn.native_call(
-            onednn.FIRST_BLOCK_FORWARD, (pooled_shape, pooled_shape, jax.ShapeDtypeStruct((2, kernel.shape[3]),
-                                                                                          jnp.float32)),
-            x_bhwc, kernel, bias, sign)
+            onednn.FIRST_BLOCK_FORWARD, (pooled_shape, pooled_shape, sums_shape), x_bhwc, kernel, bias, sign)
         mean, var = _moments(sums, count)
         return (selected, mean, var), (x_bhwc, kernel, bias, sign, None, winner, mean)
     activations = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
@@ -192,9 +191,8 @@ def _first_block_forward(x_bhwc, kernel, bias, sign, pool):
         # training step takes ~320 ms instead of ~400 (BENCHMARKS.md). Kept after the ReLU, so no
         # consumer writes a second copy.
         activations = [onednn.materialize(a) for a in activations]
-    mean = sum(jnp.sum(a, axis=(0, 1, 2)) for a in activations) / count
-    mean_of_squares = sum(jnp.sum(jnp.square(a), axis=(0, 1, 2)) for a in activations) / count
-    var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+    mean, var = _moments(jnp.stack([sum(jnp.sum(a, axis=(0, 1, 2)) for a in activations),
+                                    sum(jnp.sum(jnp.square(a), axis=(0, 1, 2)) for a in activations)]), count)
     selected, winner = _select(activations, sign)
     return (selected, mean, var), (x_bhwc, kernel, bias, sign, activations, winner, mean)
 
@@ -245,8 +243,7 @@ def _pool_select_forward(z_bhwc, bias_hwc, sign, pool):
     # whole array (one pass each instead of one per phase; the gradient needs no re-interleaving). The
     # backward recomputes relu(z + bias) from z inside its own loop.
     full = jax.nn.relu(z_bhwc + bias_hwc)
-    mean = jnp.mean(full, axis=(0, 1, 2))
-    var = jnp.maximum(jnp.mean(jnp.square(full), axis=(0, 1, 2)) - jnp.square(mean), 0.0)
+    mean, var = _moments(jnp.stack([jnp.sum(full, axis=(0, 1, 2)), jnp.sum(jnp.square(full), axis=(0, 1, 2))]), count)
     selected, winner = _select([full[:, dy::pool, dx::pool, :] for dy in range(pool) for dx in range(pool)], sign)
     return (selected, mean, var), (z_bhwc, bias_hwc, sign, winner, mean)
 
