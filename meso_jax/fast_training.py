@@ -138,6 +138,16 @@ def _moments(sums: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
 
 
+def _native_selection(target: str, z_shape: tuple[int, ...], pool: int, *operands: jax.Array):
+    """A native forward (first_block.cc or pool_select.cc) over a convolution output of ``z_shape``: each
+    window's selected activation and its position, and the batch mean and variance."""
+    batch, height, width, channels = z_shape
+    pooled_shape = jax.ShapeDtypeStruct((batch, height // pool, width // pool, channels), jnp.float32)
+    sums_shape = jax.ShapeDtypeStruct((2, channels), jnp.float32)
+    selected, winner, sums = onednn.native_call(target, (pooled_shape, pooled_shape, sums_shape), *operands)
+    return (selected, winner, *_moments(sums, batch * height * width))
+
+
 def _select(activations: list[jax.Array], sign: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each window's selected activation (the maximum over its positions ``activations``, the minimum for
     channels with a negative ``sign``) and the position holding it (the first, as XLA's max-pool gradient
@@ -178,11 +188,8 @@ def _first_block_forward(x_bhwc, kernel, bias, sign, pool):
     count = batch * height * width
     if _native_first_block(x_bhwc, kernel, pool):
         # first_block.cc: one pass over the image, no activations kept (kept=None).
-        pooled_shape = jax.ShapeDtypeStruct((batch, height // pool, width // pool, kernel.shape[3]), jnp.float32)
-        sums_shape = jax.ShapeDtypeStruct((2, kernel.shape[3]), jnp.float32)
-        selected, winner, sums = onednn.native_call(
-            onednn.FIRST_BLOCK_FORWARD, (pooled_shape, pooled_shape, sums_shape), x_bhwc, kernel, bias, sign)
-        mean, var = _moments(sums, count)
+        selected, winner, mean, var = _native_selection(
+            onednn.FIRST_BLOCK_FORWARD, (batch, height, width, kernel.shape[3]), pool, x_bhwc, kernel, bias, sign)
         return (selected, mean, var), (x_bhwc, kernel, bias, sign, None, winner, mean)
     activations = [jax.nn.relu(z) for z in pool_phase_conv(x_bhwc, kernel, bias, pool)]
     if onednn.enabled():
@@ -229,15 +236,12 @@ def _pool_select(z_bhwc, bias_hwc, sign, pool):
 
 
 def _pool_select_forward(z_bhwc, bias_hwc, sign, pool):
-    batch, height, width, channels = z_bhwc.shape
+    batch, height, width, _ = z_bhwc.shape
     count = batch * height * width
     if _native_pool_select(z_bhwc, pool):
         # pool_select.cc: ReLU, statistics and selection in one pass (XLA makes one each).
-        pooled_shape = jax.ShapeDtypeStruct((batch, height // pool, width // pool, channels), jnp.float32)
-        selected, winner, sums = onednn.native_call(
-            onednn.POOL_SELECT_FORWARD,
-            (pooled_shape, pooled_shape, jax.ShapeDtypeStruct((2, channels), jnp.float32)), z_bhwc, bias_hwc, sign)
-        mean, var = _moments(sums, count)
+        selected, winner, mean, var = _native_selection(
+            onednn.POOL_SELECT_FORWARD, z_bhwc.shape, pool, z_bhwc, bias_hwc, sign)
         return (selected, mean, var), (z_bhwc, bias_hwc, sign, winner, mean)
     # The pooling phases are strided views of the activations; statistics and the backward run over the
     # whole array (one pass each instead of one per phase; the gradient needs no re-interleaving). The

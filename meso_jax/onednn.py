@@ -42,8 +42,7 @@ from absl import logging
 from meso_jax.user_cache import cache_root
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_conv.cc", "first_block.cc", "pool_select.cc"))
-# Included by the sources: part of the cache key too.
-_HEADERS = tuple(Path(__file__).with_name(name) for name in ("vector8.h",))
+_HEADERS = (Path(__file__).with_name("vector8.h"),)  # included by the sources: part of the cache key too
 _LIBRARY_DISTRIBUTION, _HEADERS_DISTRIBUTION = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _FORWARD, _BACKWARD_DATA, _BACKWARD_WEIGHTS = (
     "MesoOnednnConvForward", "MesoOnednnConvBackwardData", "MesoOnednnConvBackwardWeights")
@@ -73,17 +72,26 @@ def _source_names() -> str:
     return ", ".join(source.name for source in _SOURCES)
 
 
-def _build(library: Path, include_dir: Path, library_dir: Path) -> None:
+# How the sources are compiled (for the CPU this runs on); tests build variants with the same flags.
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def find_compiler() -> str:
+    """The C++ compiler the library is built with: $CXX, else g++ or c++ on the PATH."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise BackendUnavailable("no C++ compiler found (install g++ or set CXX)")
+    return compiler
+
+
+def _build(library: Path, include_dir: Path, library_dir: Path) -> None:
+    compiler = find_compiler()
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:
             output = Path(build_dir) / library.name
-            command = [compiler, "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
-                       f"-I{jax.ffi.include_dir()}", f"-I{include_dir}", *map(str, _SOURCES), "-o", str(output),
-                       f"-L{library_dir}", "-ldnnl", f"-Wl,-rpath,{library_dir}"]
+            command = [compiler, *COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{include_dir}", *map(str, _SOURCES),
+                       "-o", str(output), f"-L{library_dir}", "-ldnnl", f"-Wl,-rpath,{library_dir}"]
             result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
             if result.returncode != 0:
                 first_error = next((line for line in result.stderr.splitlines() if "error" in line),

@@ -2,12 +2,12 @@
 // statistics -> pool x pool max-pool selection, and its gradient back to z. Built into the same library as
 // onednn_conv.cc by meso_jax/onednn.py; used by meso_jax/fast_training.py.
 //
+// The bias is per position (H, W, C): a previous block's BatchNorm folded into the convolution adds a
+// constant that changes near the image's edges (fast_training.conv_of_normalized).
+//
 // Each call is one pass over the convolution's output, split over threads by rows of pooling windows, 8
 // channels at a time (XLA's fusions make a pass each for the ReLU, both statistics and the selection, and
 // for the gradient's product, mask and sums):
-//
-// The bias is per position (H, W, C): a previous block's BatchNorm folded into the convolution adds a
-// constant that changes near the image's edges (fast_training.conv_of_normalized).
 //
 // * Forward: per window, the activations at its pool * pool positions, their running sums and sums of
 //   squares (BatchNorm's batch statistics), and the selected activation (the maximum, or the minimum for
@@ -50,8 +50,7 @@ bool Supported(Dims dims, Dims out_dims, Dims bias_dims) {
 
 const char kShapeError[] =
     "pooling selection: expected z (B, H, W, C) with C a multiple of 8, an (H, W, C) bias, (B, H/p, W/p, C) "
-    "pooled values "
-    "(and winners and the selected values' gradient alike, (3, C) coefficients in the backward)";
+    "pooled values (and winners and the selected values' gradient alike, (3, C) coefficients in the backward)";
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> conv, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> sign,
                    ffi::ResultBuffer<ffi::F32> selected, ffi::ResultBuffer<ffi::F32> winner,

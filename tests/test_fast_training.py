@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -144,11 +142,10 @@ def eight_wide_first_block(tmp_path_factory) -> tuple[str, str]:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists() or " avx512f" not in cpuinfo.read_text():
         pytest.skip("no AVX-512 here: the library's own build is the 8-wide one, tested against XLA as it is")
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     library = tmp_path_factory.mktemp("eight_wide") / "libfirst_block_8_wide.so"
-    subprocess.run([compiler, "-O3", "-march=native", "-mno-avx512f", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
-                    "-w", f"-I{jax.ffi.include_dir()}", str(Path(onednn.__file__).with_name("first_block.cc")),
-                    "-o", str(library)], check=True, capture_output=True)
+    subprocess.run([onednn.find_compiler(), *onednn.COMPILE_FLAGS, "-mno-avx512f", f"-I{jax.ffi.include_dir()}",
+                    str(Path(onednn.__file__).with_name("first_block.cc")), "-o", str(library)],
+                   check=True, capture_output=True)
     handle = ctypes.cdll.LoadLibrary(str(library))
     targets = (onednn.FIRST_BLOCK_FORWARD, onednn.FIRST_BLOCK_BACKWARD)
     for target in targets:
