@@ -50,13 +50,13 @@ def _run(argv: list[str]) -> int:
     # Heavy imports only after the command line is known to be usable: a usage error answers at once.
     from meso_jax import evaluate, scan  # pylint: disable=import-outside-toplevel
 
-    options = scan.ScanOptions(threshold=_SCORING.threshold.value, aggregate=_SCORING.aggregate.value,
-                               workers=_SCORING.workers.value or scan.DEFAULT_WORKERS)
     try:
         labelled_files = evaluate.labelled_media(_PATH.value)
     except evaluate.EvaluationError as error:
         raise cli.UsageError(str(error)) from None
     scorer, prep = cli.load_scanner(_SCORING)
+    options = scan.ScanOptions(threshold=cli.threshold(_SCORING, scorer), aggregate=_SCORING.aggregate.value,
+                               workers=_SCORING.workers.value or scan.DEFAULT_WORKERS)
     try:
         report = evaluate.evaluate(_PATH.value, labelled_files, scorer, prep, options, _OUTPUT_DIR.value,
                                    progress=_SCORING.progress.value and sys.stderr.isatty())

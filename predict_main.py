@@ -80,10 +80,10 @@ def _scan(path: str, stream: TextIO) -> int:
 
     image_limit = _ILIMIT.value if _ILIMIT.value is not None else _LIMIT.value
     video_limit = _VLIMIT.value if _VLIMIT.value is not None else _LIMIT.value
-    options = scan.ScanOptions(threshold=_SCORING.threshold.value, aggregate=_SCORING.aggregate.value,
+    scorer, prep = cli.load_scanner(_SCORING)
+    options = scan.ScanOptions(threshold=cli.threshold(_SCORING, scorer), aggregate=_SCORING.aggregate.value,
                                per_frame=_PER_FRAME.value, image_limit=image_limit, video_limit=video_limit,
                                workers=_SCORING.workers.value or scan.DEFAULT_WORKERS)
-    scorer, prep = cli.load_scanner(_SCORING)
 
     writer = scan.make_writer(_FORMAT.value, stream, options.per_frame, options.threshold)
     show_progress = _SCORING.progress.value and sys.stderr.isatty()
@@ -91,7 +91,7 @@ def _scan(path: str, stream: TextIO) -> int:
     if summary.files == 0:
         print(f"{PROGRAM}: no images or videos found in {path}", file=sys.stderr)
         return 1
-    print(summary.describe(), file=sys.stderr)
+    print(f"{summary.describe()} (real when score >= {options.threshold:.3g})", file=sys.stderr)
     return 0 if summary.errors == 0 else 1
 
 

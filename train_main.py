@@ -16,7 +16,11 @@ from data_pipelines.augment import AUGMENTATIONS
 
 
 flags.DEFINE_enum("dataset", "image", ["image", "video"], "Train on images or on faces sampled from videos.")
-flags.DEFINE_string("data_dir", None, "Folder with real/ and fake/ (or train/ val/ splits holding them).")
+flags.DEFINE_string("data_dir", None, "Folder with real/ and fake/ (or train/ val/ splits holding them), or several "
+                    "named sources with their share of every batch: name=folder[:weight],... (e.g. "
+                    "dfdc=data/dfdc:0.5,ffpp=data/ffpp:0.5).")
+flags.DEFINE_enum("select_by", "worst", ["worst", "mean"], "With several sources, the best checkpoint is the one "
+                  "with the best worst (or mean) per-source validation AUC.")
 flags.DEFINE_string("workdir", None, "Where checkpoints and logs go; an existing run there is resumed.")
 flags.DEFINE_enum("model", "meso4", ["meso4", "mesoinception4", "meso4_video"], "Network to train.")
 flags.DEFINE_integer("epochs", 10, "Passes over the training split (0 with --export_checkpoint just exports).")
@@ -97,7 +101,7 @@ def main(argv: list[str]) -> int:
             checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
             progress_bar=FLAGS.progress, data_dir=FLAGS.data_dir or "", dataset=FLAGS.dataset,
             val_fraction=FLAGS.val_fraction, augment=FLAGS.augment, input_pipeline=FLAGS.input_pipeline,
-            cache_dir=FLAGS.cache_dir,
+            cache_dir=FLAGS.cache_dir, select_by=FLAGS.select_by,
             synthesize_fakes=FLAGS.synthesize_fakes, preprocessing=preprocessing.to_dict())
         train.train_and_evaluate(config, FLAGS.workdir, export_dir=FLAGS.export_checkpoint)
     except train.TrainingInterrupted as error:

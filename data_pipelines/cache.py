@@ -40,6 +40,7 @@ class CachedFile:
     source: str
     record_path: str
     num_samples: int
+    source_name: str = ""
 
 
 def cache_key(path: str, prep: Preprocessing) -> str:
@@ -134,7 +135,7 @@ def build_face_cache(files: list[LabelledFile], prep: Preprocessing, cache_dir: 
             skipped.append((labelled.path, manifest["error"]))
         else:
             cached.append(CachedFile(labelled.path, labelled.label, labelled.source, record_path,
-                                     int(manifest["num_samples"])))
+                                     int(manifest["num_samples"]), labelled.source_name))
     return cached, skipped, extracted
 
 

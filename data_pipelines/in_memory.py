@@ -20,9 +20,10 @@ import numpy as np
 
 from data_pipelines.augment import augmentation_settings
 from data_pipelines.preprocessing import MediaError, Preprocessing, read_image_rgb, resize_image
-from data_pipelines.sources import FAKE, REAL, LabelledFile, load_labelled_splits
-from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, epoch_order,
-                                              probe_images, train_examples, training_counts, training_files)
+from data_pipelines.sources import FAKE, REAL, DataSource, LabelledFile, as_data_sources, load_sources
+from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, probe_images,
+                                              train_examples, training_class_weights, training_counts,
+                                              training_files, training_order)
 
 PREFETCH_BATCHES = 8
 MAX_MEMORY_FRACTION = 0.8
@@ -99,6 +100,7 @@ class InMemoryData:
     class_counts: dict
     skipped: list[tuple[str, str]]
     steps_per_epoch: int
+    val_source_names: dict  # validation file path -> its source's name
     _train: _DecodedSplit = dataclasses.field(repr=False)
     _val: _DecodedSplit = dataclasses.field(repr=False)
     _settings: dict = dataclasses.field(repr=False)
@@ -124,7 +126,8 @@ class InMemoryData:
         seed, batch_size = settings["seed"], settings["batch_size"]
         num_shards, shard_index = settings["num_shards"], settings["shard_index"]
         examples_per_sample = 2 if settings["synthesize_fakes"] == "sbi" else 1
-        order = epoch_order(seed, epoch, len(self._train.files))
+        order = training_order(seed, epoch, self._train.files, settings["source_weights"],
+                               settings["synthesize_fakes"], batch_size, num_shards)
         stream = order[self._train.decoded[order]]  # the readable samples in epoch order
         indices = np.arange(len(stream))[shard_index::num_shards]  # enumerate, then shard (as tf.data does)
         real_weight, fake_weight = settings["train_weights"]
@@ -176,10 +179,11 @@ def _prefetched(make_batch, steps: range) -> Iterator[dict]:
             yield future.result()
 
 
-def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size: int, seed: int,
+def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, prep: Preprocessing, batch_size: int, seed: int,
                     val_fraction: float = 0.1, augment: str = "full", synthesize_fakes: str | None = None,
                     num_shards: int = 1, shard_index: int = 0) -> InMemoryData:
     """input_pipeline.create_datasets for pre-cropped images, held in memory (see the module docstring).
+    ``data``: a folder, or the named folders (sources.parse_data_sources) whose batches are balanced by source.
 
     Raises ValueError (one line) for data this pipeline does not take (videos, face detection), data
     larger than the memory, or a class without usable files.
@@ -187,9 +191,10 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
     if dataset != "image" or prep.face_detector != "none":
         raise ValueError("the in-memory pipeline takes pre-cropped face images (--dataset=image "
                          "--face_detector=none); use --input_pipeline=tfdata")
+    data_sources = as_data_sources(data)
     augmentation = augmentation_settings(augment)
     check_arguments(synthesize_fakes, batch_size, num_shards, shard_index)
-    splits = load_labelled_splits(data_dir, ("image",), val_fraction, seed, require_fakes=synthesize_fakes is None)
+    splits = load_sources(data_sources, ("image",), val_fraction, seed, require_fakes=synthesize_fakes is None)
     train_usable, skipped = probe_images(training_files(splits, synthesize_fakes))
     val_usable, val_skipped = probe_images(splits.val)
     decoded, failed = _decode_all({"train": train_usable, "val": val_usable}, prep)
@@ -198,16 +203,20 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         logging.warning("skipped %d unreadable files (first: %s)", len(skipped), skipped[0][1])
 
     real_count, fake_count, steps_per_epoch = training_counts(
-        *decoded["train"].counts(), synthesize_fakes, skipped, data_dir, batch_size, num_shards)
+        *decoded["train"].counts(), synthesize_fakes, skipped, ", ".join(s.path for s in data_sources), batch_size,
+        num_shards)
+    source_weights = {s.name: s.weight for s in data_sources}
     train_count = real_count + fake_count
     val_real, val_fake = decoded["val"].counts()
     settings = {"seed": seed, "batch_size": batch_size, "num_shards": num_shards, "shard_index": shard_index,
                 "augmentation": augmentation, "synthesize_fakes": synthesize_fakes,
-                "train_weights": class_weights(real_count, fake_count),
+                "source_weights": source_weights,
+                "train_weights": training_class_weights(real_count, fake_count, source_weights),
                 "val_weights": class_weights(val_real, val_fake)}
     logging.info("in memory: train %d real + %d fake, val %d real + %d fake", real_count, fake_count,
                  val_real, val_fake)
     return InMemoryData(train_count=train_count, val_count=val_real + val_fake,
                         class_counts={"real": real_count, "fake": fake_count}, skipped=skipped,
-                        steps_per_epoch=steps_per_epoch, _train=decoded["train"], _val=decoded["val"],
+                        steps_per_epoch=steps_per_epoch,
+                        val_source_names={f.path: f.source_name for f in decoded["val"].files}, _train=decoded["train"], _val=decoded["val"],
                         _settings=settings)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Callable
 
 import numpy as np
@@ -24,9 +25,10 @@ from data_pipelines.augment import augmentation_settings
 from data_pipelines.cache import CachedFile, build_face_cache, parse_record
 from data_pipelines.preprocessing import MediaError, Preprocessing, read_image_rgb, resize_image
 from data_pipelines.samples import clip_starts
-from data_pipelines.sources import FAKE, REAL, LabelledFile, load_labelled_splits
-from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, epoch_order,
-                                              probe_images, train_examples, training_counts, training_files)
+from data_pipelines.sources import FAKE, REAL, DataSource, LabelledFile, as_data_sources, load_sources
+from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, probe_images,
+                                              train_examples, training_class_weights, training_counts,
+                                              training_files, training_order)
 
 AUTOTUNE = tf.data.AUTOTUNE
 FRAME_SHUFFLE_BUFFER = 2048
@@ -48,6 +50,7 @@ class TrainingData:
     class_counts: dict
     skipped: list[tuple[str, str]]
     steps_per_epoch: int
+    val_source_names: dict = dataclasses.field(default_factory=dict)  # validation file path -> its source's name
     make_train: Callable[[int], tf.data.Dataset] = dataclasses.field(default=None, repr=False)
 
 
@@ -150,11 +153,12 @@ def clip_indices_tf(num_samples: tf.Tensor, clip_frames: int) -> tf.Tensor:
     return tf.cond(num_samples < clip_frames, repeated, windows)
 
 
-def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size: int, seed: int,
+def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, prep: Preprocessing, batch_size: int, seed: int,
                     val_fraction: float = 0.1, augment: str = "full", cache_dir: str | None = None,
                     synthesize_fakes: str | None = None, clip_frames: int | None = None,
                     num_shards: int = 1, shard_index: int = 0) -> TrainingData:
-    """Training and validation datasets for the labelled folder ``data_dir`` (see sources.py for layouts).
+    """Training and validation datasets for the labelled folder ``data``, or the named folders (see sources.py for layouts;
+    several sources: every batch balanced by source and class, see training_examples.training_order).
 
     dataset: "image" or "video". augment: a preset of augment.AUGMENTATIONS. Unreadable files (and files without a face) are skipped and listed in
     ``skipped``. synthesize_fakes="sbi" trains on the real files plus one self-blended fake per real
@@ -163,12 +167,12 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
     """
     if dataset not in ("image", "video"):
         raise ValueError(f"unknown dataset {dataset!r}; choose image or video")
+    data_sources = as_data_sources(data)
     augmentation = augmentation_settings(augment)
     check_arguments(synthesize_fakes, batch_size, num_shards, shard_index)
     if clip_frames is not None and clip_frames < 1:
         raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
-    splits = load_labelled_splits(data_dir, (dataset,), val_fraction, seed,
-                                  require_fakes=synthesize_fakes is None)
+    splits = load_sources(data_sources, (dataset,), val_fraction, seed, require_fakes=synthesize_fakes is None)
     train_files = training_files(splits, synthesize_fakes)
 
     on_the_fly = dataset == "image" and prep.face_detector == "none" and clip_frames is None
@@ -190,9 +194,11 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
                         len(val_skipped), (skipped + val_skipped)[0][1])
 
     real_count, fake_count, steps_per_epoch = training_counts(
-        *train_source.sample_counts(), synthesize_fakes, skipped, data_dir, batch_size, num_shards)
+        *train_source.sample_counts(), synthesize_fakes, skipped, ", ".join(s.path for s in data_sources),
+        batch_size, num_shards)
     train_count = real_count + fake_count
-    real_weight, fake_weight = class_weights(real_count, fake_count)
+    source_weights = {s.name: s.weight for s in data_sources}
+    real_weight, fake_weight = training_class_weights(real_count, fake_count, source_weights)
     logging.info("train: %d real + %d fake samples, class weights real=%.3f fake=%.3f", real_count, fake_count,
                  real_weight, fake_weight)
     element_shape = train_source.element_shape
@@ -201,7 +207,8 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
         return tf.where(label > 0.5, real_weight, fake_weight)
 
     def make_train(epoch: int) -> tf.data.Dataset:
-        order = epoch_order(seed, epoch, len(train_source.files))
+        order = training_order(seed, epoch, train_source.files, source_weights, synthesize_fakes, batch_size,
+                               num_shards)
         if on_the_fly:
             samples = train_source.samples(order)
         else:
@@ -243,4 +250,5 @@ def create_datasets(data_dir: str, dataset: str, prep: Preprocessing, batch_size
 
     return TrainingData(train=make_train(0), val=val, train_count=train_count, val_count=val_real + val_fake,
                         class_counts={"real": real_count, "fake": fake_count},
-                        skipped=skipped + val_skipped, steps_per_epoch=steps_per_epoch, make_train=make_train)
+                        skipped=skipped + val_skipped, steps_per_epoch=steps_per_epoch,
+                        val_source_names={f.path: f.source_name for f in val_source.files}, make_train=make_train)

@@ -38,11 +38,58 @@ _FRAME_SUFFIX = re.compile(r"(.+?)[_-](?:frame|frm|f)?\d+")
 
 @dataclasses.dataclass(frozen=True)
 class LabelledFile:
-    """A media file with its label (1.0 = real) and source group (files of one source share a split)."""
+    """A media file with its label (1.0 = real), source group (files of one source video or FF++ group
+    share a split) and the name of the data source it belongs to (``DataSource.name``; "" for one folder)."""
 
     path: str
     label: float
     source: str
+    source_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A named labelled folder and its share of every training batch (weights are normalised over sources)."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+_SOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def parse_data_sources(spec: str) -> list[DataSource]:
+    """``--data_dir``: one folder, or several named ones with weights, ``name=path[:weight],...``.
+
+    One plain folder is the source named after it, weight 1. ValueError (one line) for a malformed spec,
+    a repeated name, a non-positive weight or a name that is not an identifier.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("--data_dir is empty")
+    if "=" not in spec:
+        return as_data_sources(spec)
+    found: list[DataSource] = []
+    for item in spec.split(","):
+        name, separator, rest = item.strip().partition("=")
+        if not separator or not rest:
+            raise ValueError(f"--data_dir item {item!r}: expected name=path[:weight]")
+        path, weight = rest, 1.0
+        head, colon, tail = rest.rpartition(":")
+        if colon and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass  # a colon in the path itself
+        if not _SOURCE_NAME.fullmatch(name):
+            raise ValueError(f"--data_dir source name {name!r}: use letters, digits and _ (starting with a letter)")
+        if not weight > 0 or weight != weight or weight == float("inf"):
+            raise ValueError(f"--data_dir source {name}: weight {tail} must be a positive number")
+        if any(source.name == name for source in found):
+            raise ValueError(f"--data_dir names source {name!r} twice")
+        found.append(DataSource(name, path, weight))
+    return found
 
 
 @dataclasses.dataclass
@@ -158,7 +205,9 @@ def _read_metadata(path: str) -> dict[str, _SourceInfo]:
                 for row in csv.DictReader(f):
                     row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
                     names = [row.get(k, "") for k in ("file", "filename", "path", "name", "video")]
-                    video = row.get("video") or next((n for n in names if n), "")
+                    # DFDC names a file's video; FaceForensics++ crops name their group (a real frame and
+                    # the fakes made on it), which must share a split just the same.
+                    video = row.get("video") or row.get("group") or next((n for n in names if n), "")
                     if video:
                         add(names, video, row.get("original"))
             else:
@@ -279,6 +328,33 @@ def load_labelled_splits(data_dir: str | os.PathLike, kinds: Iterable[str] = ("i
                          sum(f.label == REAL for f in files), sum(f.label == FAKE for f in files),
                          len({f.source for f in files}))
     return LabelledSplits(**splits)
+
+
+def as_data_sources(data: str | os.PathLike | list[DataSource]) -> list[DataSource]:
+    """``data`` as a list of sources: a folder path is the one source named after it."""
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        return [DataSource(re.sub(r"\W", "_", os.path.basename(os.path.normpath(path))) or "data", path)]
+    return list(data)
+
+
+def load_sources(data_sources: list[DataSource], kinds: Iterable[str] = ("image", "video"),
+                 val_fraction: float = 0.1, seed: int = 0, require_fakes: bool = True) -> LabelledSplits:
+    """load_labelled_splits of every source, each file tagged with its source's name (source groups are
+    kept apart across sources). With one source this is load_labelled_splits of its folder."""
+    merged = LabelledSplits([], [], [])
+    for data_source in data_sources:
+        try:
+            splits = load_labelled_splits(data_source.path, kinds, val_fraction, seed, require_fakes)
+        except ValueError as error:
+            if len(data_sources) == 1:
+                raise
+            raise ValueError(f"source {data_source.name}: {error}") from None
+        for split in ("train", "val", "test"):
+            getattr(merged, split).extend(
+                dataclasses.replace(f, source=f"{data_source.name}/{f.source}", source_name=data_source.name)
+                for f in getattr(splits, split))
+    return merged
 
 
 def split_by_source(files: list[LabelledFile], val_fraction: float,

@@ -24,6 +24,60 @@ def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(count)
 
 
+def stratum_shares(files: list[LabelledFile], source_weights: dict[str, float],
+                   synthesize_fakes: str | None) -> dict[tuple[str, float], float]:
+    """Each (source name, label) stratum's share of the training samples: a source's weight (normalised
+    over the sources) split evenly between its classes. With self-blending every sample is a real one
+    that brings its own fake, so a source's share stays with its real files."""
+    present = {(f.source_name, f.label) for f in files}
+    total_weight = sum(source_weights[name] for name in {name for name, _ in present})
+    shares = {}
+    for name, label in sorted(present):
+        classes = 1 if synthesize_fakes else sum((name, other) in present for other in (REAL, FAKE))
+        shares[(name, label)] = source_weights[name] / total_weight / classes
+    return shares
+
+
+def balanced_epoch_order(seed: int, epoch: int, files: list[LabelledFile], source_weights: dict[str, float],
+                         synthesize_fakes: str | None = None, samples_per_batch: int = 32) -> np.ndarray:
+    """Epoch ``epoch``'s sequence of ``len(files)`` training file indices in which every run of
+    ``samples_per_batch`` (every batch) holds each (source, class) stratum in its stratum_shares() proportion,
+    to within one sample (largest-remainder apportionment, the remainders carried to the next batch).
+
+    Each stratum visits its files in a fresh random permutation, cycling through them again when its
+    share of the epoch is larger than its files (small sources repeat, large ones are subsampled).
+    """
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0x5A17])
+    shares = stratum_shares(files, source_weights, synthesize_fakes)
+    strata = sorted(shares)
+    share_s = np.array([shares[stratum] for stratum in strata])
+    members_by_stratum: dict[tuple[str, float], list[int]] = {stratum: [] for stratum in strata}
+    for index, labelled in enumerate(files):
+        members_by_stratum[(labelled.source_name, labelled.label)].append(index)
+    streams = [np.array(members_by_stratum[stratum]) for stratum in strata]
+    permutations = [members[rng.permutation(len(members))] for members in streams]
+    taken = [0] * len(strata)
+    carry = np.zeros(len(strata))
+    order = []
+    for first in range(0, len(files), samples_per_batch):
+        size = min(samples_per_batch, len(files) - first)
+        quota = share_s * size + carry
+        counts = np.floor(quota).astype(np.int64)
+        counts[np.argsort(counts - quota, kind="stable")[:size - int(counts.sum())]] += 1
+        carry = quota - counts
+        batch = []
+        for stratum_index, count in enumerate(counts):
+            for _ in range(int(count)):
+                if taken[stratum_index] == len(permutations[stratum_index]):  # next cycle through the stratum
+                    members = streams[stratum_index]
+                    permutations[stratum_index] = members[rng.permutation(len(members))]
+                    taken[stratum_index] = 0
+                batch.append(permutations[stratum_index][taken[stratum_index]])
+                taken[stratum_index] += 1
+        order.extend(np.array(batch)[rng.permutation(len(batch))])
+    return np.array(order, np.int64)
+
+
 def element_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The random stream of the ``index``-th sample of an epoch (augmentation, self-blending)."""
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
@@ -41,6 +95,25 @@ def train_examples(images: np.ndarray, label: float, rng: np.random.Generator,
                     for example, example_label in examples]
     return (np.stack([example for example, _ in examples]),
             np.array([example_label for _, example_label in examples], np.float32))
+
+
+def training_order(seed: int, epoch: int, files: list[LabelledFile], source_weights: dict[str, float],
+                   synthesize_fakes: str | None, batch_size: int, num_shards: int) -> np.ndarray:
+    """The file indices epoch ``epoch`` trains on: a permutation of ``files`` from one source, batches
+    balanced by source and class (balanced_epoch_order) from several. ``batch_size`` is a shard's batch of
+    examples; the shards take turns along the order, so a global batch is one run of the order."""
+    if len(source_weights) > 1:
+        examples_per_sample = 2 if synthesize_fakes == "sbi" else 1
+        samples_per_batch = max(1, batch_size * num_shards // examples_per_sample)
+        return balanced_epoch_order(seed, epoch, files, source_weights, synthesize_fakes, samples_per_batch)
+    return epoch_order(seed, epoch, len(files))
+
+
+def training_class_weights(real_count: int, fake_count: int,
+                           source_weights: dict[str, float]) -> tuple[float, float]:
+    """Loss weights of (real, fake) training examples: class_weights() from one source; 1.0 from several,
+    whose batches are already balanced by class (training_order)."""
+    return class_weights(real_count, fake_count) if len(source_weights) <= 1 else (1.0, 1.0)
 
 
 def class_weights(real_count: int, fake_count: int) -> tuple[float, float]:

@@ -25,7 +25,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "meso4"  # the better of the two shipped (by val AUC)
 LABEL_CONVENTION = "score = sigmoid(logit) = probability that the content is REAL (1 real, 0 fake)"
 WORKDIR_CHECKPOINTS = "checkpoints"
-BEST_METRIC = "val_auc"
+BEST_METRIC = "val_selection"  # train.selection_metrics: worst source AUC, AUC, or minus loss
+LEGACY_BEST_METRIC = "val_auc"  # what checkpoints written before val_selection were chosen by
 
 
 class CheckpointError(Exception):
@@ -55,7 +56,7 @@ def open_manager(directory: str | os.PathLike, keep_last: int = 3, keep_best: in
         create=create,
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(n=keep_last),
-            policies.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=keep_best,
+            policies.BestN(get_metric_fn=selection_value, n=keep_best,
                            keep_checkpoints_without_metrics=False),
         ]),
         enable_async_checkpointing=False,
@@ -65,6 +66,12 @@ def open_manager(directory: str | os.PathLike, keep_last: int = 3, keep_best: in
     )
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                  item_names=("model", "train", "metadata"))
+
+
+def selection_value(metrics: dict) -> float | None:
+    """The number checkpoints are ranked by (higher is better), or None when ``metrics`` has none."""
+    value = metrics.get(BEST_METRIC, metrics.get(LEGACY_BEST_METRIC))
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def model_metadata(model_name: str, preprocessing: dict, extra: dict | None = None) -> dict:
@@ -143,7 +150,7 @@ def shape_mismatch(item_dir: pathlib.Path, expected_tree: Any) -> str | None:
 
 
 def _steps_best_first(manager: ocp.CheckpointManager) -> list[tuple[int, dict | None]]:
-    """(step, metadata or None when unreadable), best first: by validation AUC, then the latest steps."""
+    """(step, metadata or None when unreadable), best first: by selection_value, then the latest steps."""
     readable, unreadable = [], []
     for step in manager.all_steps():
         try:
@@ -153,7 +160,7 @@ def _steps_best_first(manager: ocp.CheckpointManager) -> list[tuple[int, dict | 
                             manager.directory, step, first_line(error))
             unreadable.append((step, None))
             continue
-        auc = metadata.get("metrics", {}).get(BEST_METRIC) if isinstance(metadata, dict) else None
+        auc = selection_value(metadata.get("metrics", {})) if isinstance(metadata, dict) else None
         readable.append(((auc is not None, auc if auc is not None else 0.0, step), step, metadata))
     readable.sort(key=lambda item: item[0], reverse=True)
     return [(step, metadata) for _, step, metadata in readable] + unreadable

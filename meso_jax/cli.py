@@ -47,8 +47,9 @@ def define_scoring_flags() -> ScoringFlags:
                                     lower_bound=1),
         aggregate=flags.DEFINE_enum("aggregate", "mean", ["mean", "vote"],
                                     "Video score: mean frame score, or vote = share of frames judged real (MesoNet)."),
-        threshold=flags.DEFINE_float("threshold", 0.5, "A score >= threshold is judged real.",
-                                     lower_bound=0.0, upper_bound=1.0),
+        threshold=flags.DEFINE_float("threshold", None, "A score >= threshold is judged real; default: the "
+                                     "model's own threshold, chosen on its validation data (0.5 for the "
+                                     "published weights).", lower_bound=0.0, upper_bound=1.0),
         batch_size=flags.DEFINE_integer("batch_size", 32,
                                         "Model batch size (frames of several files share a batch).", lower_bound=1),
         flip_average=flags.DEFINE_bool("flip_average", True,
@@ -72,6 +73,11 @@ def load_scanner(scoring_flags: ScoringFlags):
                                  scoring_flags.batch_size.value, scoring_flags.flip_average.value)
     except scoring.ModelSourceError as error:
         raise UsageError(str(error)) from None
+
+
+def threshold(scoring_flags: ScoringFlags, scorer) -> float:
+    """--threshold when given, else the model's own (scoring.Scorer.threshold)."""
+    return scoring_flags.threshold.value if scoring_flags.threshold.value is not None else scorer.threshold
 
 
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:

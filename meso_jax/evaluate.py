@@ -8,6 +8,7 @@ Files that cannot be scored are listed with their reason and left out of the met
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -48,6 +49,30 @@ def labelled_media(data_dir: str) -> list[tuple[str, int]]:
     return [(labelled.path, int(labelled.label)) for labelled in splits.train]
 
 
+def fake_methods(data_dir: str, files: list[tuple[str, int]]) -> dict[str, str]:
+    """path -> manipulation method of each fake file, from a ``method`` column of a metadata.csv in
+    ``data_dir`` or its parent (FaceForensics++ style: split, file, label, method); {} when there is none."""
+    for folder in (data_dir, os.path.dirname(os.path.abspath(data_dir))):
+        metadata_path = os.path.join(folder, "metadata.csv")
+        if not os.path.isfile(metadata_path):
+            continue
+        methods_by_file: dict[str, str] = {}
+        try:
+            with open(metadata_path, encoding="utf-8", newline="") as handle:
+                for row in csv.DictReader(handle):
+                    row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+                    if row.get("method") and row.get("file"):
+                        split_dir = os.path.join(folder, row["split"]) if row.get("split") else folder
+                        methods_by_file[os.path.normpath(os.path.join(split_dir, row["file"]))] = row["method"]
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return {}
+        found = {path: methods_by_file[os.path.normpath(os.path.abspath(path))]
+                 for path, label in files if label == 0 and os.path.normpath(os.path.abspath(path)) in methods_by_file}
+        if found:
+            return found
+    return {}
+
+
 def _sample_scores(scored: list[LabelledRecord]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(labels, scores) per level: "frames" (every scored frame or clip) and "videos" (one per file)."""
     return {
@@ -57,9 +82,12 @@ def _sample_scores(scored: list[LabelledRecord]) -> dict[str, tuple[np.ndarray, 
     }
 
 
-def evaluation_report(labelled_records: list[LabelledRecord], threshold: float) -> tuple[dict, dict]:
+def evaluation_report(labelled_records: list[LabelledRecord], threshold: float,
+                      methods: dict[str, str] | None = None) -> tuple[dict, dict]:
     """metrics.json's numbers (counts, frame- and video-level metrics, the files left out) and the
     (labels, scores) per level they were computed from. Raises EvaluationError when no file was scored.
+    ``methods`` (fake path -> manipulation method) adds ``by_method``: every real file against the fakes
+    of one method, frame and video level.
     """
     scored = [item for item in labelled_records if item.record.error is None]
     unscored = [item for item in labelled_records if item.record.error is not None]
@@ -84,6 +112,13 @@ def evaluation_report(labelled_records: list[LabelledRecord], threshold: float) 
         "unscored": [{"path": item.record.path, "label": LABEL_WORDS[item.label], "error": item.record.error}
                      for item in unscored],
     }
+    if methods:
+        report["by_method"] = {}
+        for method in sorted(set(methods.values())):
+            chosen = [item for item in scored if item.label == 1 or methods.get(item.record.path) == method]
+            chosen_scores = _sample_scores(chosen)
+            report["by_method"][method] = {level: metrics.binary_metrics(*chosen_scores[level], threshold)
+                                           for level in ("frames", "videos")}
     return report, scores_by_level
 
 
@@ -106,7 +141,7 @@ def evaluate(data_dir: str, files: list[tuple[str, int]], scorer: scoring.Scorer
 
         scan.scan_files([path for path, _ in files], scorer, prep, options, collect, progress)
 
-    numbers, scores_by_level = evaluation_report(labelled_records, options.threshold)
+    numbers, scores_by_level = evaluation_report(labelled_records, options.threshold, fake_methods(data_dir, files))
     model_description = {"name": scorer.spec.name, "source": scorer.model_source,
                          "flip_average": scorer.flip_average}
     report = {"data_dir": os.path.abspath(data_dir), "model": model_description, "preprocessing": prep.to_dict(),
@@ -142,6 +177,9 @@ def format_report(report: dict) -> str:
     ]
     lines = [f"{'':<26}{'frames':>12}{'videos':>12}"]
     lines += [f"{name:<26}{frame_value:>12}{video_value:>12}" for name, frame_value, video_value in rows]
+    for method, by_level in report.get("by_method", {}).items():
+        lines.append(f"{'AUC, real vs ' + method:<26}{_number(by_level['frames']['auc']):>12}"
+                     f"{_number(by_level['videos']['auc']):>12}")
     lines.append(f"{counts['scored_files']} of {counts['files']} files scored "
                  f"({counts['images']} images, {counts['videos']} videos, {counts['frames']} frames)")
     if report["unscored"]:

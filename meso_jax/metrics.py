@@ -84,6 +84,33 @@ def binary_metrics(labels: Sequence[int] | np.ndarray, scores: Sequence[float] |
     return result
 
 
+def source_balanced_weights(labels: np.ndarray, source_ids: np.ndarray) -> np.ndarray:
+    """Sample weights giving every (source, class) stratum present the same total weight."""
+    weights = np.zeros(len(labels), np.float64)
+    strata = list(zip(np.asarray(source_ids).tolist(), np.asarray(labels).tolist()))
+    counts: dict = {}
+    for stratum in strata:
+        counts[stratum] = counts.get(stratum, 0) + 1
+    for index, stratum in enumerate(strata):
+        weights[index] = 1.0 / counts[stratum]
+    return weights
+
+
+def balanced_eer_threshold(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                           source_ids: Sequence | np.ndarray | None = None) -> float | None:
+    """The equal-error threshold of ``scores`` with every (source, class) weighted equally (so a small
+    source counts as much as a large one), or None with one class only. A score >= it is judged real."""
+    labels_array = np.asarray(labels, np.int64)
+    if labels_array.size == 0 or labels_array.min() == labels_array.max():
+        return None
+    sources = np.zeros(len(labels_array), np.int64) if source_ids is None else np.asarray(source_ids)
+    false_positive_rate, true_positive_rate, thresholds = skm.roc_curve(
+        labels_array, np.asarray(scores, np.float64), sample_weight=source_balanced_weights(labels_array, sources),
+        drop_intermediate=False)
+    eer_index = int(np.argmin(np.abs(1.0 - true_positive_rate - false_positive_rate)))
+    return _finite_threshold(thresholds[eer_index])
+
+
 def plot_roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], png_path: str, title: str) -> None:
     """Writes one ROC plot with a curve per entry of ``curves`` (name -> (labels, scores)) to ``png_path``.
 

@@ -20,6 +20,9 @@ from meso_jax.user_cache import cache_root
 AGGREGATIONS = ("mean", "vote")
 
 
+DEFAULT_THRESHOLD = 0.5  # for a model whose metadata names no threshold (e.g. the published weights)
+
+
 class ModelSourceError(Exception):
     """No usable model at the place the user named (one-line message)."""
 
@@ -102,6 +105,8 @@ class Scorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.spec = models.get_model(loaded_model.model_name)
         self.model_source = loaded_model.source
+        # The verdict threshold chosen on the model's validation data (checkpoint metadata), else 0.5.
+        self.threshold = float(loaded_model.metadata.get("threshold", DEFAULT_THRESHOLD))
         self.batch_size = batch_size
         self.flip_average = flip_average
         devices = jax.local_devices()  # each host scores its own files

@@ -36,6 +36,7 @@ from meso_jax import checkpoints, fast_inference, fast_training, keras_import, m
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
 INPUT_PIPELINES = ("tfdata", "memory")
+SELECTION_RULES = ("worst", "mean")
 
 
 class TrainingError(Exception):
@@ -81,6 +82,7 @@ class TrainConfig:
     cache_dir: str | None = None
     synthesize_fakes: str | None = None
     preprocessing: dict = dataclasses.field(default_factory=dict)  # data_pipelines Preprocessing.to_dict()
+    select_by: str = "worst"  # several sources: the best checkpoint has the best worst (or mean) source AUC
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 3
     log_every_steps: int = 50
@@ -96,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"decay_epochs applies to the constant schedule, not to {self.schedule!r}")
         if not 0 <= self.decay_epochs <= self.epochs:
             raise ValueError(f"decay_epochs={self.decay_epochs} must be between 0 and epochs={self.epochs}")
+        if self.select_by not in SELECTION_RULES:
+            raise ValueError(f"unknown select_by {self.select_by!r}; choose {' or '.join(SELECTION_RULES)}")
         if self.input_pipeline not in INPUT_PIPELINES:
             raise ValueError(f"unknown input_pipeline {self.input_pipeline!r}; choose one of "
                              f"{', '.join(INPUT_PIPELINES)}")
@@ -514,18 +518,25 @@ def _video_ids(paths: Iterable[str]) -> np.ndarray:
 
 
 def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel, batch_size: int,
-             jitted_eval_step: Callable, input_shape: tuple[int, ...], video_level: bool = False) -> dict:
+             jitted_eval_step: Callable, input_shape: tuple[int, ...], video_level: bool = False,
+             source_of_path: dict[str, str] | None = None, select_by: str = "worst") -> dict:
     """Validation loss and metrics over ``batches``: this process's part of the split, in batches of at most
     ``batch_size`` / processes of uint8 images of ``input_shape`` (as the input pipelines yield them), each
     padded to that size (padding rows are left out of the metrics).
 
     With several processes (multi-host), all of them run the same number of steps (one that has run out
     feeds padding) and every example's result is gathered from all of them.
+
+    ``source_of_path`` (validation path -> source name) adds each source's metrics (``val_<name>_auc``...);
+    ``val_selection`` is what the best checkpoint is chosen by (higher is better; see selection_metrics).
     """
+    source_names = sorted(set((source_of_path or {}).values()))
+    source_index = {name: index for index, name in enumerate(source_names)}
     processes = jax.process_count()
     local_batch_size = batch_size // processes
     iterator = iter(batches)
-    columns: dict[str, list[np.ndarray]] = {"score": [], "loss": [], "label": [], "valid": [], "video": []}
+    columns: dict[str, list[np.ndarray]] = {"score": [], "loss": [], "label": [], "valid": [], "video": [],
+                                            "source": []}
     while True:
         batch = next(iterator, None)
         count = 0 if batch is None else len(batch["label"])
@@ -538,17 +549,20 @@ def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel,
             raise ValueError(f"evaluate() takes uint8 images, got {np.asarray(batch['image']).dtype}")
         local = {"image": np.zeros((local_batch_size, *input_shape), np.uint8),
                  "label": np.zeros(local_batch_size, np.float32), "valid": np.zeros(local_batch_size, np.int32),
-                 "video": np.zeros((local_batch_size, 2), np.int32)}
+                 "video": np.zeros((local_batch_size, 2), np.int32), "source": np.zeros(local_batch_size, np.int32)}
         if count:
             local["image"][:count] = batch["image"]
             local["label"][:count] = batch["label"]
             local["valid"][:count] = 1
+            if len(source_names) > 1:
+                local["source"][:count] = [source_index[source_of_path[p.decode() if isinstance(p, bytes) else str(p)]]
+                                           for p in np.asarray(batch["path"])]
             if video_level and "path" in batch:
                 local["video"][:count] = _video_ids(p.decode() if isinstance(p, bytes) else str(p)
                                                     for p in np.asarray(batch["path"]))
         sharded = parallel.shard_batch(local)
         output = jitted_eval_step(state, {"image": sharded["image"], "label": sharded["label"]})
-        fetched = {**output, **{key: sharded[key] for key in ("label", "valid", "video")}}
+        fetched = {**output, **{key: sharded[key] for key in ("label", "valid", "video", "source")}}
         fetched = (multihost_utils.process_allgather(fetched, tiled=True) if processes > 1
                    else jax.device_get(fetched))
         for key in columns:
@@ -558,9 +572,22 @@ def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel,
     valid = np.concatenate(columns["valid"]).astype(bool)
     scores_all = np.concatenate(columns["score"])[valid].astype(np.float64)
     labels_all = np.concatenate(columns["label"])[valid].round().astype(np.int64)
-    result = {"val_loss": float(np.mean(np.concatenate(columns["loss"])[valid]))}
+    losses_all = np.concatenate(columns["loss"])[valid]
+    sources_all = np.concatenate(columns["source"])[valid]
+    result = {"val_loss": float(np.mean(losses_all))}
     result.update({f"val_{k}": v for k, v in metrics.binary_metrics(labels_all, scores_all).items()
                    if k in ("auc", "accuracy", "balanced_accuracy", "eer", "average_precision")})
+    if len(source_names) > 1:
+        for index, name in enumerate(source_names):
+            mine = sources_all == index
+            if not mine.any():
+                continue
+            result[f"val_{name}_loss"] = float(np.mean(losses_all[mine]))
+            result.update({f"val_{name}_{k}": v for k, v in metrics.binary_metrics(labels_all[mine],
+                                                                                  scores_all[mine]).items()
+                           if k in ("auc", "balanced_accuracy", "eer")})
+    result["val_balanced_eer_threshold"] = metrics.balanced_eer_threshold(labels_all, scores_all, sources_all)
+    result.update(selection_metrics(result, source_names, select_by))
     if video_level:
         per_video: dict[tuple[int, int], list[float]] = {}
         video_labels: dict[tuple[int, int], int] = {}
@@ -573,6 +600,23 @@ def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel,
     return result
 
 
+def selection_metrics(result: dict, source_names: list[str], select_by: str) -> dict:
+    """``val_selection``, the number the best checkpoint is chosen by (higher is better), and its rule:
+    with several sources the worst (or mean) per-source AUC, never the pooled one, which hides a small
+    source; with one, the AUC; where an AUC is undefined (a validation split with one class) minus the
+    validation loss."""
+    if select_by not in SELECTION_RULES:
+        raise ValueError(f"unknown select_by {select_by!r}; choose {' or '.join(SELECTION_RULES)}")
+    if len(source_names) > 1:
+        aucs = [result.get(f"val_{name}_auc") for name in source_names]
+        if all(auc is not None for auc in aucs):
+            value = min(aucs) if select_by == "worst" else float(np.mean(aucs))
+            return {"val_selection": float(value), "val_selection_rule": f"{select_by} source AUC"}
+    elif result.get("val_auc") is not None:
+        return {"val_selection": float(result["val_auc"]), "val_selection_rule": "AUC"}
+    return {"val_selection": -float(result["val_loss"]), "val_selection_rule": "minus loss (AUC undefined)"}
+
+
 def _log_to_stdout(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
@@ -580,13 +624,13 @@ def _log_to_stdout(message: str) -> None:
 
 def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, run_metadata: dict,
         epoch_batches: Callable[[int, int], Iterator[dict]], val_batches: Callable[[], Iterator[dict]],
-        log: Callable[[str], None] = _log_to_stdout) -> dict:
+        log: Callable[[str], None] = _log_to_stdout, source_of_path: dict[str, str] | None = None) -> dict:
     """Trains ``config.model`` for ``config.epochs`` epochs, checkpointing into ``workdir``.
 
     ``epoch_batches(epoch, skip_steps)`` yields that epoch's training batches (numpy dicts) in a
     deterministic order, skipping the first ``skip_steps`` (used on resume); ``val_batches()``
     yields the validation batches. ``run_metadata`` (preprocessing, data description) is saved
-    with each checkpoint.
+    with each checkpoint. ``source_of_path`` names each validation file's source, for per-source metrics.
     Returns the last epoch's metrics.
     """
     workdir = pathlib.Path(workdir)
@@ -620,7 +664,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, r
     manager = checkpoints.open_manager(workdir / checkpoints.WORKDIR_CHECKPOINTS, keep_last=config.keep_checkpoints)
     try:
         return _fit_loop(config, workdir, steps_per_epoch, total_steps, run_metadata, epoch_batches, val_batches,
-                         log, parallel, state, manager)
+                         log, parallel, state, manager, source_of_path)
     finally:
         manager.close()
 
@@ -628,7 +672,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, r
 def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, total_steps: int,
               run_metadata: dict, epoch_batches: Callable[[int, int], Iterator[dict]],
               val_batches: Callable[[], Iterator[dict]], log: Callable[[str], None],
-              parallel: DataParallel, state: TrainState, manager) -> dict:
+              parallel: DataParallel, state: TrainState, manager, source_of_path: dict[str, str] | None) -> dict:
     abstract_tree = jax.tree_util.tree_map(np.asarray, state_to_tree(state))
     _check_same_averaging(manager, config.ema_decay)
     restored = restore_latest_good(manager, abstract_tree, log, expected_model=config.model)
@@ -675,6 +719,7 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
     if start_epoch >= config.epochs:
         log(f"nothing to do: {workdir} already holds {start_epoch} epochs (--epochs={config.epochs})")
     stop_signals = _StopSignals()
+    warned_selection = False
 
     def stop_if_requested(saved: bool) -> None:
         if not stop_requested_everywhere(stop_signals, step, config.log_every_steps):
@@ -747,11 +792,16 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
                     validation = val_batches()
                     try:
                         result = evaluate(evaluated, validation, parallel, config.batch_size, jitted_eval_step,
-                                          models.get_model(config.model).input_shape, video_level)
+                                          models.get_model(config.model).input_shape, video_level,
+                                          source_of_path, config.select_by)
                     finally:
                         _release(validation)
                         del validation
                     epoch_metrics.update({prefix + key: value for key, value in result.items()})
+                if epoch_metrics["val_selection_rule"].startswith("minus loss") and not warned_selection:
+                    log("warning: a validation AUC is undefined (a split or source with one class); "
+                        "the best checkpoint is chosen by validation loss")
+                    warned_selection = True
                 epoch_metrics["seconds"] = time.time() - started
                 save(step, epoch_metrics)
                 events.write(step, epoch_metrics)
@@ -776,6 +826,8 @@ def format_epoch(epoch_metrics: dict) -> str:
     """One log line for an epoch's metrics."""
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_video_auc", "val_eer",
             "raw_val_auc")
+    keys += tuple(sorted(k for k in epoch_metrics if k.startswith("val_") and k.endswith("_auc") and k not in keys))
+    keys += ("val_selection",)
     parts = [f"{k}={epoch_metrics[k]:.4f}" for k in keys if isinstance(epoch_metrics.get(k), float)]
     return (f"epoch {epoch_metrics['epoch']} step {epoch_metrics['step']}: " + " ".join(parts)
             + f" ({epoch_metrics['train_images_per_second']:.0f} img/s, {epoch_metrics['seconds']:.0f} s)")
@@ -808,6 +860,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
     With ``config.epochs == 0`` and Keras weights, only converts those weights to ``export_dir``.
     """
     from data_pipelines.preprocessing import Preprocessing
+    from data_pipelines.sources import parse_data_sources
 
     if config.epochs == 0 and export_dir:
         if not config.keras_weights:
@@ -826,6 +879,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
         _check_writable_dir(pathlib.Path(export_dir), "--export_checkpoint")
     spec = models.get_model(config.model)
     prep = Preprocessing.from_dict(config.preprocessing)
+    data_sources = parse_data_sources(config.data_dir)
     processes = jax.process_count()
     if config.batch_size % processes:
         raise TrainingError(f"batch size {config.batch_size} does not divide by the {processes} hosts")
@@ -836,7 +890,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
         if spec.is_clip_model:
             raise TrainingError(f"--input_pipeline=memory takes images; {spec.name} trains on video clips")
         data = in_memory.create_datasets(
-            config.data_dir, config.dataset, prep, local_batch_size, config.seed, val_fraction=config.val_fraction,
+            data_sources, config.dataset, prep, local_batch_size, config.seed, val_fraction=config.val_fraction,
             augment=config.augment, synthesize_fakes=config.synthesize_fakes, num_shards=processes,
             shard_index=jax.process_index())
         if config.teacher:
@@ -846,7 +900,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
         from data_pipelines import input_pipeline
 
         data = input_pipeline.create_datasets(
-            config.data_dir, config.dataset, prep, local_batch_size, config.seed,
+            data_sources, config.dataset, prep, local_batch_size, config.seed,
             val_fraction=config.val_fraction, augment=config.augment,
             cache_dir=config.cache_dir or str(workdir / "face_cache"), synthesize_fakes=config.synthesize_fakes,
             clip_frames=spec.input_shape[0] if spec.is_clip_model else None,
@@ -864,15 +918,22 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
         skipped_path.write_text("".join(f"{path}\t{reason}\n" for path, reason in data.skipped))
         log(f"the skipped files and why are listed in {skipped_path}")
 
+    if len(data_sources) > 1:
+        log("sources (share of every batch): " + ", ".join(
+            f"{s.name} {s.weight / sum(t.weight for t in data_sources):.2f} ({s.path})" for s in data_sources)
+            + f"; best checkpoint by the {config.select_by} source validation AUC")
     run_metadata = {
         "preprocessing": prep.to_dict(), "dataset": config.dataset,
-        "data": {"data_dir": os.path.abspath(config.data_dir), "train_count": data.train_count,
+        "data": {"data_dir": ",".join(f"{s.name}={os.path.abspath(s.path)}:{s.weight:g}" for s in data_sources)
+                 if len(data_sources) > 1 else os.path.abspath(data_sources[0].path),
+                 "sources": [dataclasses.asdict(s) for s in data_sources], "train_count": data.train_count,
                  "val_count": data.val_count, "class_counts": data.class_counts,
                  "skipped_count": len(data.skipped)},
     }
-    result = fit(config, workdir, data.steps_per_epoch, run_metadata, epoch_batches, val_batches, log)
+    result = fit(config, workdir, data.steps_per_epoch, run_metadata, epoch_batches, val_batches, log,
+                 source_of_path=data.val_source_names)
     if export_dir and jax.process_index() == 0:
-        export_best(workdir, export_dir, log)
+        export_best(workdir, export_dir, log, calibration_batches=val_batches, source_of_path=data.val_source_names)
     return result
 
 
@@ -894,15 +955,52 @@ def _teacher_probabilities(teacher_dir: str, data: Any, prep: Any, log: Callable
     return probabilities.astype(np.float32)
 
 
+def calibrate(loaded: checkpoints.LoadedModel, batches: Iterable[dict], source_of_path: dict[str, str]) -> dict:
+    """The verdict threshold of ``loaded`` on labelled ``batches`` (uint8 "image", "label", "path"), scored
+    as the scanner scores by default (flip averaging): the equal-error point with every (source, class)
+    weighted equally, and the AUC per source there. With several hosts, this host's part of the split."""
+    from meso_jax import scoring  # pylint: disable=import-outside-toplevel  (only when exporting)
+
+    scorer = scoring.Scorer(loaded, batch_size=64, flip_average=True)
+    scores, labels, names = [], [], []
+    for batch in batches:
+        scores.append(scorer.score(np.asarray(batch["image"])))
+        labels.append(np.asarray(batch["label"]).round().astype(np.int64))
+        names += [source_of_path.get(p.decode() if isinstance(p, bytes) else str(p), "") for p in batch["path"]]
+    scores_all, labels_all = np.concatenate(scores), np.concatenate(labels)
+    source_names = sorted(set(names))
+    source_ids = np.array([source_names.index(name) for name in names])
+    threshold = metrics.balanced_eer_threshold(labels_all, scores_all, source_ids)
+    per_source = {name or "all": metrics.binary_metrics(labels_all[source_ids == index],
+                                                         scores_all[source_ids == index])["auc"]
+                  for index, name in enumerate(source_names)}
+    if threshold is None:
+        return {"threshold": scoring.DEFAULT_THRESHOLD,
+                "threshold_rule": "0.5: the validation data held one class, no threshold could be chosen"}
+    return {"threshold": round(float(threshold), 4),
+            "threshold_rule": "equal error rate on validation scores (flip-averaged, as scanned) with every "
+                              "source and class weighted equally",
+            "calibration_auc_by_source": per_source}
+
+
 def export_best(workdir: str | os.PathLike, export_dir: str | os.PathLike,
-                log: Callable[[str], None] = _log_to_stdout) -> None:
+                log: Callable[[str], None] = _log_to_stdout, calibration_batches: Callable[[], Iterable[dict]] | None = None,
+                source_of_path: dict[str, str] | None = None) -> None:
     """Exports the best checkpoint of a training workdir as a model directory for prediction, with the
     preprocessing it scans with (checkpoints.scan_preprocessing: Haar faces for a model trained on
-    pre-cropped face images)."""
+    pre-cropped face images) and, given ``calibration_batches`` (the validation batches), the verdict
+    threshold chosen on them (calibrate)."""
     best = checkpoints.load_model(workdir)
     extra = {k: v for k, v in best.metadata.items()
              if k not in ("model", "input_shape", "preprocessing", "label_convention")}
     if best.preprocessing != best.metadata.get("preprocessing"):
         extra["trained_on"] = "pre-cropped face images (face_detector=none); scans find faces with haar"
+    if calibration_batches is not None:
+        batches = calibration_batches()
+        try:
+            extra.update(calibrate(best, batches, source_of_path or {}))
+        finally:
+            _release(batches)
+        log(f"verdict threshold {extra['threshold']:.4f} ({extra['threshold_rule']})")
     checkpoints.save_model(export_dir, best.model_name, best.variables, best.preprocessing, extra)
     log(f"exported {best.source} to {export_dir}")

@@ -280,7 +280,8 @@ def test_predict_main_json_folder_with_bad_files(hostile_dir, model_dir, scorer,
     # Nothing but the summary on stderr: no tracebacks, no OpenCV/FFmpeg warnings about the broken files.
     assert result.stderr.strip().splitlines() == [
         f"scanned {len(records)} files: {sum(r['label'] == 'real' for r in records)} real, "
-        f"{sum(r['label'] == 'fake' for r in records)} fake, {sum(r['error'] is not None for r in records)} errors"]
+        f"{sum(r['label'] == 'fake' for r in records)} fake, {sum(r['error'] is not None for r in records)} errors "
+        "(real when score >= 0.5)"]
 
 
 def test_predict_main_text_with_limit_and_csv_file(media_dir, model_dir, cache_dir, tmp_path):
