@@ -19,6 +19,9 @@ flags.DEFINE_enum("dataset", "image", ["image", "video"], "Train on images or on
 flags.DEFINE_string("data_dir", None, "Folder with real/ and fake/ (or train/ val/ splits holding them), or several "
                     "named sources with their share of every batch: name=folder[:weight],... (e.g. "
                     "dfdc=data/dfdc:0.5,ffpp=data/ffpp:0.5).")
+flags.DEFINE_bool("paired_batches", False, "Balance every batch by class and put in it the originals of its "
+                  "fakes (a fake and its source video, or a FaceForensics++ group), so real and fake differ "
+                  "only where the face was changed.")
 flags.DEFINE_enum("select_by", "worst", ["worst", "mean"], "With several sources, the best checkpoint is the one "
                   "with the best worst (or mean) per-source validation AUC.")
 flags.DEFINE_string("workdir", None, "Where checkpoints and logs go; an existing run there is resumed.")
@@ -102,6 +105,7 @@ def main(argv: list[str]) -> int:
             progress_bar=FLAGS.progress, data_dir=FLAGS.data_dir or "", dataset=FLAGS.dataset,
             val_fraction=FLAGS.val_fraction, augment=FLAGS.augment, input_pipeline=FLAGS.input_pipeline,
             cache_dir=FLAGS.cache_dir, select_by=FLAGS.select_by,
+            paired_batches=FLAGS.paired_batches,
             synthesize_fakes=FLAGS.synthesize_fakes, preprocessing=preprocessing.to_dict())
         train.train_and_evaluate(config, FLAGS.workdir, export_dir=FLAGS.export_checkpoint)
     except train.TrainingInterrupted as error:

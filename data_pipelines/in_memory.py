@@ -127,7 +127,7 @@ class InMemoryData:
         num_shards, shard_index = settings["num_shards"], settings["shard_index"]
         examples_per_sample = 2 if settings["synthesize_fakes"] == "sbi" else 1
         order = training_order(seed, epoch, self._train.files, settings["source_weights"],
-                               settings["synthesize_fakes"], batch_size, num_shards)
+                               settings["synthesize_fakes"], batch_size, num_shards, settings["paired"])
         stream = order[self._train.decoded[order]]  # the readable samples in epoch order
         indices = np.arange(len(stream))[shard_index::num_shards]  # enumerate, then shard (as tf.data does)
         real_weight, fake_weight = settings["train_weights"]
@@ -181,7 +181,7 @@ def _prefetched(make_batch, steps: range) -> Iterator[dict]:
 
 def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, prep: Preprocessing, batch_size: int, seed: int,
                     val_fraction: float = 0.1, augment: str = "full", synthesize_fakes: str | None = None,
-                    num_shards: int = 1, shard_index: int = 0) -> InMemoryData:
+                    num_shards: int = 1, shard_index: int = 0, paired: bool = False) -> InMemoryData:
     """input_pipeline.create_datasets for pre-cropped images, held in memory (see the module docstring).
     ``data``: a folder, or the named folders (sources.parse_data_sources) whose batches are balanced by source.
 
@@ -210,8 +210,8 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
     val_real, val_fake = decoded["val"].counts()
     settings = {"seed": seed, "batch_size": batch_size, "num_shards": num_shards, "shard_index": shard_index,
                 "augmentation": augmentation, "synthesize_fakes": synthesize_fakes,
-                "source_weights": source_weights,
-                "train_weights": training_class_weights(real_count, fake_count, source_weights),
+                "source_weights": source_weights, "paired": paired,
+                "train_weights": training_class_weights(real_count, fake_count, source_weights, paired),
                 "val_weights": class_weights(val_real, val_fake)}
     logging.info("in memory: train %d real + %d fake, val %d real + %d fake", real_count, fake_count,
                  val_real, val_fake)

@@ -156,7 +156,7 @@ def clip_indices_tf(num_samples: tf.Tensor, clip_frames: int) -> tf.Tensor:
 def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, prep: Preprocessing, batch_size: int, seed: int,
                     val_fraction: float = 0.1, augment: str = "full", cache_dir: str | None = None,
                     synthesize_fakes: str | None = None, clip_frames: int | None = None,
-                    num_shards: int = 1, shard_index: int = 0) -> TrainingData:
+                    num_shards: int = 1, shard_index: int = 0, paired: bool = False) -> TrainingData:
     """Training and validation datasets for the labelled folder ``data``, or the named folders (see sources.py for layouts;
     several sources: every batch balanced by source and class, see training_examples.training_order).
 
@@ -198,7 +198,7 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
         batch_size, num_shards)
     train_count = real_count + fake_count
     source_weights = {s.name: s.weight for s in data_sources}
-    real_weight, fake_weight = training_class_weights(real_count, fake_count, source_weights)
+    real_weight, fake_weight = training_class_weights(real_count, fake_count, source_weights, paired)
     logging.info("train: %d real + %d fake samples, class weights real=%.3f fake=%.3f", real_count, fake_count,
                  real_weight, fake_weight)
     element_shape = train_source.element_shape
@@ -208,7 +208,7 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
 
     def make_train(epoch: int) -> tf.data.Dataset:
         order = training_order(seed, epoch, train_source.files, source_weights, synthesize_fakes, batch_size,
-                               num_shards)
+                               num_shards, paired)
         if on_the_fly:
             samples = train_source.samples(order)
         else:

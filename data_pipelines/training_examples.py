@@ -39,13 +39,17 @@ def stratum_shares(files: list[LabelledFile], source_weights: dict[str, float],
 
 
 def balanced_epoch_order(seed: int, epoch: int, files: list[LabelledFile], source_weights: dict[str, float],
-                         synthesize_fakes: str | None = None, samples_per_batch: int = 32) -> np.ndarray:
+                         synthesize_fakes: str | None = None, samples_per_batch: int = 32,
+                         paired: bool = False) -> np.ndarray:
     """Epoch ``epoch``'s sequence of ``len(files)`` training file indices in which every run of
     ``samples_per_batch`` (every batch) holds each (source, class) stratum in its stratum_shares() proportion,
     to within one sample (largest-remainder apportionment, the remainders carried to the next batch).
 
     Each stratum visits its files in a fresh random permutation, cycling through them again when its
     share of the epoch is larger than its files (small sources repeat, large ones are subsampled).
+    ``paired``: a source's real samples in a batch are, where they exist, the originals of the fakes drawn
+    from that source for the same batch (same source group: a fake and the real it was made from, or an
+    FF++ group), so the batch holds both sides of each manipulation and the scene cannot tell them apart.
     """
     rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0x5A17])
     shares = stratum_shares(files, source_weights, synthesize_fakes)
@@ -58,6 +62,10 @@ def balanced_epoch_order(seed: int, epoch: int, files: list[LabelledFile], sourc
     permutations = [members[rng.permutation(len(members))] for members in streams]
     taken = [0] * len(strata)
     carry = np.zeros(len(strata))
+    reals_by_group: dict[str, list[int]] = {}
+    for index, labelled in enumerate(files):
+        if labelled.label == REAL:
+            reals_by_group.setdefault(labelled.source, []).append(index)
     order = []
     for first in range(0, len(files), samples_per_batch):
         size = min(samples_per_batch, len(files) - first)
@@ -66,14 +74,25 @@ def balanced_epoch_order(seed: int, epoch: int, files: list[LabelledFile], sourc
         counts[np.argsort(counts - quota, kind="stable")[:size - int(counts.sum())]] += 1
         carry = quota - counts
         batch = []
-        for stratum_index, count in enumerate(counts):
+        fake_groups: dict[str, list[str]] = {}  # source name -> groups of the fakes drawn for this batch
+        for stratum_index, count in enumerate(counts):  # strata sort fakes (0.0) before reals (1.0)
+            name, label = strata[stratum_index]
             for _ in range(int(count)):
+                pending = fake_groups.get(name) if paired and label == REAL else None
+                while pending and pending[0] not in reals_by_group:
+                    pending.pop(0)
+                if pending:
+                    group_reals = reals_by_group[pending.pop(0)]
+                    batch.append(group_reals[int(rng.integers(len(group_reals)))])
+                    continue
                 if taken[stratum_index] == len(permutations[stratum_index]):  # next cycle through the stratum
                     members = streams[stratum_index]
                     permutations[stratum_index] = members[rng.permutation(len(members))]
                     taken[stratum_index] = 0
                 batch.append(permutations[stratum_index][taken[stratum_index]])
                 taken[stratum_index] += 1
+                if label == FAKE:
+                    fake_groups.setdefault(name, []).append(files[batch[-1]].source)
         order.extend(np.array(batch)[rng.permutation(len(batch))])
     return np.array(order, np.int64)
 
@@ -98,22 +117,29 @@ def train_examples(images: np.ndarray, label: float, rng: np.random.Generator,
 
 
 def training_order(seed: int, epoch: int, files: list[LabelledFile], source_weights: dict[str, float],
-                   synthesize_fakes: str | None, batch_size: int, num_shards: int) -> np.ndarray:
+                   synthesize_fakes: str | None, batch_size: int, num_shards: int,
+                   paired: bool = False) -> np.ndarray:
     """The file indices epoch ``epoch`` trains on: a permutation of ``files`` from one source, batches
-    balanced by source and class (balanced_epoch_order) from several. ``batch_size`` is a shard's batch of
-    examples; the shards take turns along the order, so a global batch is one run of the order."""
-    if len(source_weights) > 1:
+    balanced by source and class (balanced_epoch_order) from several or when ``paired``. ``batch_size`` is a shard's batch of
+    examples; the shards take turns along the order, so a global batch is one run of the order. ``paired``:
+    see balanced_epoch_order."""
+    if balances_batches(source_weights, paired):
         examples_per_sample = 2 if synthesize_fakes == "sbi" else 1
         samples_per_batch = max(1, batch_size * num_shards // examples_per_sample)
-        return balanced_epoch_order(seed, epoch, files, source_weights, synthesize_fakes, samples_per_batch)
+        return balanced_epoch_order(seed, epoch, files, source_weights, synthesize_fakes, samples_per_batch, paired)
     return epoch_order(seed, epoch, len(files))
 
 
-def training_class_weights(real_count: int, fake_count: int,
-                           source_weights: dict[str, float]) -> tuple[float, float]:
-    """Loss weights of (real, fake) training examples: class_weights() from one source; 1.0 from several,
-    whose batches are already balanced by class (training_order)."""
-    return class_weights(real_count, fake_count) if len(source_weights) <= 1 else (1.0, 1.0)
+def balances_batches(source_weights: dict[str, float], paired: bool) -> bool:
+    """Whether training_order balances every batch by source and class (several sources, or pairing)."""
+    return len(source_weights) > 1 or paired
+
+
+def training_class_weights(real_count: int, fake_count: int, source_weights: dict[str, float],
+                           paired: bool = False) -> tuple[float, float]:
+    """Loss weights of (real, fake) training examples: class_weights() for a permuted epoch; 1.0 where
+    training_order already balances every batch by class."""
+    return (1.0, 1.0) if balances_batches(source_weights, paired) else class_weights(real_count, fake_count)
 
 
 def class_weights(real_count: int, fake_count: int) -> tuple[float, float]:

@@ -83,6 +83,7 @@ class TrainConfig:
     synthesize_fakes: str | None = None
     preprocessing: dict = dataclasses.field(default_factory=dict)  # data_pipelines Preprocessing.to_dict()
     select_by: str = "worst"  # several sources: the best checkpoint has the best worst (or mean) source AUC
+    paired_batches: bool = False  # each batch holds the originals of its fakes (training_examples.balanced_epoch_order)
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 3
     log_every_steps: int = 50
@@ -892,7 +893,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
         data = in_memory.create_datasets(
             data_sources, config.dataset, prep, local_batch_size, config.seed, val_fraction=config.val_fraction,
             augment=config.augment, synthesize_fakes=config.synthesize_fakes, num_shards=processes,
-            shard_index=jax.process_index())
+            shard_index=jax.process_index(), paired=config.paired_batches)
         if config.teacher:
             data.soften_targets(_teacher_probabilities(config.teacher, data, prep, log), config.teacher_weight)
         epoch_batches, val_batches = data.train_batches, data.val_batches
@@ -904,7 +905,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
             val_fraction=config.val_fraction, augment=config.augment,
             cache_dir=config.cache_dir or str(workdir / "face_cache"), synthesize_fakes=config.synthesize_fakes,
             clip_frames=spec.input_shape[0] if spec.is_clip_model else None,
-            num_shards=processes, shard_index=jax.process_index())
+            num_shards=processes, shard_index=jax.process_index(), paired=config.paired_batches)
 
         def epoch_batches(epoch: int, skip_steps: int) -> Iterator[dict]:
             return input_pipeline.train_dataset_for_epoch(data, epoch).skip(skip_steps).as_numpy_iterator()

@@ -126,3 +126,21 @@ def test_balanced_eer_threshold_weighs_sources_equally():
     balanced = metrics.balanced_eer_threshold(labels, scores, sources)
     assert pooled < 0.6 and balanced > pooled
     assert metrics.balanced_eer_threshold([1, 1], [0.2, 0.3]) is None
+
+
+def test_paired_batches_hold_the_originals_of_their_fakes():
+    # Source "pairs": 10 groups, each a real and two fakes made from it; source "plain": no groups.
+    files = [LabelledFile(f"p/{g}/{k}", REAL if k == 0 else FAKE, f"pairs/g{g}", "pairs")
+             for g in range(10) for k in range(3)]
+    files += _files({("plain", REAL): 12, ("plain", FAKE): 12})
+    order = balanced_epoch_order(2, 0, files, {"pairs": 1.0, "plain": 1.0}, samples_per_batch=8, paired=True)
+    for first in range(0, len(order) - 7, 8):
+        batch = [files[i] for i in order[first:first + 8]]
+        fake_groups = sorted(f.source for f in batch if f.source_name == "pairs" and f.label == FAKE)
+        real_groups = sorted(f.source for f in batch if f.source_name == "pairs" and f.label == REAL)
+        assert fake_groups == real_groups and len(fake_groups) == 2
+    unpaired = balanced_epoch_order(2, 0, files, {"pairs": 1.0, "plain": 1.0}, samples_per_batch=8)
+    assert any(sorted(f.source for f in (files[i] for i in unpaired[first:first + 8]) if f.source_name == "pairs"
+                      and f.label == FAKE) != sorted(f.source for f in (files[i] for i in unpaired[first:first + 8])
+                                                     if f.source_name == "pairs" and f.label == REAL)
+               for first in range(0, len(unpaired) - 7, 8))
