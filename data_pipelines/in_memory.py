@@ -203,8 +203,8 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
         logging.warning("skipped %d unreadable files (first: %s)", len(skipped), skipped[0][1])
 
     real_count, fake_count, steps_per_epoch = training_counts(
-        *decoded["train"].counts(), synthesize_fakes, skipped, ", ".join(s.path for s in data_sources), batch_size,
-        num_shards)
+        *decoded["train"].counts(), synthesize_fakes, skipped, splits,
+        ", ".join(s.path for s in data_sources), batch_size, num_shards)
     source_weights = {s.name: s.weight for s in data_sources}
     train_count = real_count + fake_count
     val_real, val_fake = decoded["val"].counts()

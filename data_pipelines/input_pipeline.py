@@ -194,7 +194,7 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
                         len(val_skipped), (skipped + val_skipped)[0][1])
 
     real_count, fake_count, steps_per_epoch = training_counts(
-        *train_source.sample_counts(), synthesize_fakes, skipped, ", ".join(s.path for s in data_sources),
+        *train_source.sample_counts(), synthesize_fakes, skipped, splits, ", ".join(s.path for s in data_sources),
         batch_size, num_shards)
     train_count = real_count + fake_count
     source_weights = {s.name: s.weight for s in data_sources}

@@ -291,8 +291,13 @@ def load_labelled_splits(data_dir: str | os.PathLike, kinds: Iterable[str] = ("i
     """
     data_dir = os.fspath(data_dir)
     kinds = tuple(kinds)
+    if os.path.isfile(data_dir):
+        raise ValueError(f"data directory {data_dir} is a file; give the folder that holds real/ and fake/ "
+                         "(or train/ and val/)")
     if not os.path.isdir(data_dir):
         raise ValueError(f"data directory {data_dir} does not exist")
+    if not os.access(data_dir, os.R_OK | os.X_OK):
+        raise ValueError(f"data directory {data_dir} cannot be read (permission denied)")
     split_dirs = _child_folders(data_dir, SPLIT_FOLDERS)
     if split_dirs and "train" not in split_dirs:
         raise ValueError(f"{data_dir} has {'/'.join(sorted(split_dirs))} folders but no train/ folder")

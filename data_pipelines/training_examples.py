@@ -186,16 +186,26 @@ def training_files(splits: LabelledSplits, synthesize_fakes: str | None) -> list
 
 
 def training_counts(real_count: int, fake_count: int, synthesize_fakes: str | None, skipped: list[tuple[str, str]],
-                    data_dir: str, batch_size: int, num_shards: int) -> tuple[int, int, int]:
+                    splits: LabelledSplits, data_dir: str, batch_size: int, num_shards: int) -> tuple[int, int, int]:
     """(real, fake, steps per epoch) of the training examples; ValueError (one line) when a class has no
-    usable sample (naming the first skipped file and why) or one shard holds less than a batch."""
+    usable sample (its files all went to validation, or how many were skipped, the first and why) or one
+    shard holds less than a batch."""
     if synthesize_fakes == "sbi":
         fake_count = real_count  # one self-blended fake per real sample
     if real_count == 0 or fake_count == 0:
-        first_reason = f"; first: {skipped[0][1]}" if skipped else ""
-        raise ValueError(f"no usable {'real' if real_count == 0 else 'fake'} training samples in {data_dir} "
-                         f"({len(skipped)} files skipped{first_reason})")
+        label, word = (REAL, "real") if real_count == 0 else (FAKE, "fake")
+        paths = {f.path for f in training_files(splits, synthesize_fakes) if f.label == label}
+        lost = [(path, reason) for path, reason in skipped if path in paths]
+        if not lost:
+            in_val = sum(f.label == label for f in splits.val)
+            where = (f": its {in_val} {word} file{'s' if in_val != 1 else ''} went to validation (split by source)"
+                     if in_val else "")
+            raise ValueError(f"no {word} training files in {data_dir}{where}; add more {word} files")
+        raise ValueError(f"no usable {word} training samples in {data_dir}: all {len(lost)} {word} files were "
+                         f"skipped (first: {lost[0][1]})")
     per_shard = (real_count + fake_count) // num_shards
     if per_shard < batch_size:
-        raise ValueError(f"batch_size {batch_size} is larger than the {per_shard} training samples per shard")
+        shards = f" per shard ({num_shards} shards)" if num_shards > 1 else ""
+        raise ValueError(f"--batch_size={batch_size} is larger than the {per_shard} usable training samples{shards}; "
+                         f"use --batch_size={max(1, per_shard)} or less, or add data")
     return real_count, fake_count, per_shard // batch_size

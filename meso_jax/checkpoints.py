@@ -56,7 +56,8 @@ def open_manager(directory: str | os.PathLike, keep_last: int = 3, keep_best: in
         create=create,
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(n=keep_last),
-            policies.BestN(get_metric_fn=selection_value, n=keep_best,
+            # A checkpoint whose metrics hold no number ranks last (never None: orbax sorts the values).
+            policies.BestN(get_metric_fn=lambda metrics: _or_minus_infinity(selection_value(metrics)), n=keep_best,
                            keep_checkpoints_without_metrics=False),
         ]),
         enable_async_checkpointing=False,
@@ -72,6 +73,10 @@ def selection_value(metrics: dict) -> float | None:
     """The number checkpoints are ranked by (higher is better), or None when ``metrics`` has none."""
     value = metrics.get(BEST_METRIC, metrics.get(LEGACY_BEST_METRIC))
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _or_minus_infinity(value: float | None) -> float:
+    return float("-inf") if value is None else value
 
 
 def model_metadata(model_name: str, preprocessing: dict, extra: dict | None = None) -> dict:

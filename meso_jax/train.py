@@ -912,6 +912,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
 
         def val_batches() -> Iterator[dict]:
             return data.val.as_numpy_iterator()
+    if data.val_count == 0:
+        raise TrainingError(f"no usable validation samples in {config.data_dir} ({len(data.skipped)} files skipped); "
+                            "put real and fake files in its val/ folder, or leave val/ out and let --val_fraction "
+                            "split them off the training files")
     log(f"data: {data.train_count} training and {data.val_count} validation examples; "
         f"classes {data.class_counts}; {len(data.skipped)} files skipped")
     if data.skipped and jax.process_index() == 0:
