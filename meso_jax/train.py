@@ -439,6 +439,19 @@ def _release(iterator: Any) -> None:
             pass
 
 
+def _logged_steps(path: pathlib.Path) -> set[int]:
+    """The steps of the epoch records in metrics.jsonl."""
+    if not path.is_file():
+        return set()
+    steps = set()
+    for line in path.read_text().splitlines():
+        try:
+            steps.add(json.loads(line).get("step"))
+        except ValueError:  # a line cut short by a crash
+            continue
+    return steps
+
+
 def _trim_metrics_log(path: pathlib.Path, last_step: int) -> None:
     """Drops metrics.jsonl records written after ``last_step`` (an epoch redone after a crash is logged once)."""
     if not path.is_file():
@@ -679,10 +692,14 @@ def _fit_loop(config: TrainConfig, workdir: pathlib.Path, steps_per_epoch: int, 
     restored = restore_latest_good(manager, abstract_tree, log, expected_model=config.model)
     events = _EventLog(workdir)
     if restored is not None:
-        tree, _, restored_step = restored  # restore_latest_good checked the model name
+        tree, restored_metadata, restored_step = restored  # restore_latest_good checked the model name
         state = tree_to_state(state, tree)
         if events.enabled:
             _trim_metrics_log(events.jsonl_path, restored_step)
+            # A kill between an epoch's checkpoint and its log line: the checkpoint holds the epoch's metrics.
+            epoch_metrics = restored_metadata.get("metrics") or {}
+            if epoch_metrics.get("step") == restored_step and not _logged_steps(events.jsonl_path) & {restored_step}:
+                events.write(restored_step, epoch_metrics)
         log(f"resumed from step {restored_step}")
     state = parallel.replicate(state)
     metadata_base = checkpoints.model_metadata(config.model, run_metadata.get("preprocessing", {}), {

@@ -8,6 +8,7 @@ by a trivial one (no compile) through a small launcher, so they exercise train_m
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -118,12 +119,32 @@ def _last_line(stderr: str) -> str:
     return lines[-1] if lines else ""
 
 
-def test_kill_9_resumes_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path, data_dir, env):
-    # The uninterrupted reference first: it also fills the compilation cache for the two runs after it.
-    reference = _train_main(f"--data_dir={data_dir}", f"--workdir={tmp_path / 'reference'}", *TRAIN_FLAGS, env=env)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    assert "3 files skipped" in reference.stdout  # trained on the rest
-    skipped = (tmp_path / "reference" / "skipped_files.tsv").read_text().splitlines()
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir, env) -> pathlib.Path:
+    """The workdir of an uninterrupted run (it also fills the compilation cache for the runs after it)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = _train_main(f"--data_dir={data_dir}", f"--workdir={workdir}", *TRAIN_FLAGS, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 files skipped" in result.stdout  # trained on the rest
+    return workdir
+
+
+def _assert_ends_like_the_reference(workdir: pathlib.Path, reference: pathlib.Path) -> None:
+    final_step = 2 * STEPS_PER_EPOCH
+    assert _steps(workdir)[-1] == final_step == _steps(reference)[-1]
+    # The data order and augmentation continue where they stopped: the result is the uninterrupted one's.
+    expected, found = _final_params(reference, final_step), _final_params(workdir, final_step)
+    assert expected.keys() == found.keys()
+    for key in expected:
+        np.testing.assert_array_equal(found[key], expected[key], err_msg=key)
+    epochs = [json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]  # an epoch redone after the kill is logged once
+    assert not list((workdir / "checkpoints").glob("*tmp*"))  # a save cut short leaves nothing behind
+
+
+def test_kill_9_resumes_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path, data_dir, env,
+                                                                                     reference):
+    skipped = (reference / "skipped_files.tsv").read_text().splitlines()
     assert sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in skipped) == ["corrupt.jpg", "empty.jpg",
                                                                                   "gone.jpg"]
     assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in skipped)
@@ -145,17 +166,60 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_ends_like_an_uninterrupted_
     resumed = _train_main(f"--data_dir={data_dir}", f"--workdir={workdir}", *TRAIN_FLAGS, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {max(complete_steps)}" in resumed.stdout  # at most one interval lost
-    assert not list((workdir / "checkpoints").glob("*tmp*"))  # a save cut short leaves nothing behind
-    final_step = 2 * STEPS_PER_EPOCH
-    assert _steps(workdir)[-1] == final_step == _steps(tmp_path / "reference")[-1]
+    _assert_ends_like_the_reference(workdir, reference)
 
-    # The data order and augmentation continue where they stopped: the result is the uninterrupted one's.
-    expected, found = _final_params(tmp_path / "reference", final_step), _final_params(workdir, final_step)
-    assert expected.keys() == found.keys()
-    for key in expected:
-        np.testing.assert_array_equal(found[key], expected[key], err_msg=key)
-    epochs = [line for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert len(epochs) == 2  # an epoch redone after the kill is logged once
+
+# Runs train_main and SIGKILLs it at the Nth time it reaches a moment (argv[1] = "moment:N"):
+# finalize: a checkpoint's files are written but not finalised (orbax's rename of the temporary folder);
+# saved: a checkpoint is complete, the epoch's metrics not yet logged; evaluate: during validation.
+KILL_LAUNCHER = """
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+from meso_jax import checkpoints, train
+moment, count = sys.argv[1].split(":")
+calls = {"n": 0}
+def kill_on_the_nth_call():
+    calls["n"] += 1
+    if calls["n"] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
+def wrap(owner, name, before):
+    original = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        if before:
+            kill_on_the_nth_call()
+        result = original(*args, **kwargs)
+        if not before:
+            kill_on_the_nth_call()
+        return result
+    setattr(owner, name, wrapped)
+if moment == "finalize":
+    original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def finalize(self):
+        if os.path.basename(str(self._final_path)).isdigit():  # a step's folder (not one of its items)
+            kill_on_the_nth_call()
+        return await original_finalize(self)
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+elif moment == "saved":
+    wrap(checkpoints, "save_train_state", before=False)
+elif moment == "evaluate":
+    wrap(train, "evaluate", before=True)
+sys.argv = ["train_main.py"] + sys.argv[2:]
+runpy.run_path("train_main.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("moment", ["finalize:3", "saved:3", "evaluate:2"])
+def test_a_kill_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path, data_dir, env, reference, moment):
+    # Saves: steps 2, 4, 5 (epoch 1's end, after its validation), 6, 8, 10; the 3rd is epoch 1's last.
+    killed = subprocess.run([sys.executable, "-c", KILL_LAUNCHER, moment, f"--data_dir={data_dir}",
+                             f"--workdir={tmp_path}", *TRAIN_FLAGS], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert _steps(tmp_path) == [2, 4] or moment != "finalize:3"  # the 3rd save's files were never finalised
+    resumed = _train_main(f"--data_dir={data_dir}", f"--workdir={tmp_path}", *TRAIN_FLAGS, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout
+    _assert_ends_like_the_reference(tmp_path, reference)
 
 
 def test_nan_loss_is_one_line_with_the_step_and_the_last_good_checkpoint(tmp_path, data_dir, env):
