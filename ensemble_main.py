@@ -16,7 +16,9 @@ from meso_jax import cli
 
 _MEMBERS = flags.DEFINE_list("members", None, "Checkpoint directories of the members, comma-separated.")
 _EXPORT = flags.DEFINE_string("export_checkpoint", None, "New directory to export the ensemble to.")
-_VAL_PATH = flags.DEFINE_string("val_path", None, "Folder of labelled face crops (real/, fake/) to measure it on.")
+_VAL_PATH = flags.DEFINE_string("val_path", None, "Folder of labelled face crops (real/, fake/) to measure it on, "
+                                "or named folders name=folder,... (metrics of the first; the verdict threshold "
+                                "is chosen on all, each source weighted equally).")
 
 PROGRAM = "ensemble_main"
 
@@ -35,6 +37,8 @@ def _run(argv: list[str]) -> int:
         raise cli.UsageError(str(error)) from None
     metrics = exported.metadata.get("metrics")
     measured = f"; val AUC {metrics['val_auc']:.4f} on {metrics['val_count']} crops" if metrics else ""
+    if "threshold" in exported.metadata:
+        measured += f"; verdict threshold {exported.metadata['threshold']:.4f}"
     print(f"exported {exported.model_name} to {_EXPORT.value}{measured}")
     return 0
 

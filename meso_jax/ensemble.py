@@ -71,12 +71,22 @@ def validation_metrics(ensemble: checkpoints.LoadedModel, val_dir: str, batch_si
 
 
 def export(member_dirs: Sequence[str], output_dir: str, val_dir: str | None = None) -> checkpoints.LoadedModel:
-    """Loads the members, combines them, measures them on ``val_dir`` if given, and exports the ensemble
-    to the new directory ``output_dir``. Raises EnsembleError or checkpoints.CheckpointError."""
+    """Loads the members, combines them, measures them on ``val_dir`` if given (a folder, or named folders
+    ``name=folder,...``: metrics of the first, the verdict threshold on all, see calibration), and exports
+    the ensemble to the new directory ``output_dir``. Raises EnsembleError or checkpoints.CheckpointError."""
+    from data_pipelines.sources import parse_data_sources  # pylint: disable=import-outside-toplevel
+    from meso_jax import calibration  # pylint: disable=import-outside-toplevel
+
     checkpoints.check_new_directory(output_dir)  # before the slow work
     ensemble = combine([checkpoints.load_model(member_dir) for member_dir in member_dirs])
     if val_dir:
-        ensemble.metadata["metrics"] = validation_metrics(ensemble, val_dir)
+        try:
+            val_sources = parse_data_sources(val_dir)
+        except ValueError as error:
+            raise EnsembleError(f"--val_path: {error}") from None
+        ensemble.metadata["metrics"] = validation_metrics(ensemble, val_sources[0].path)
+        prep = Preprocessing.from_dict({**ensemble.preprocessing, "face_detector": "none"})
+        ensemble.metadata.update(calibration.calibrate(ensemble, calibration.folder_batches(val_sources, prep)))
     checkpoints.save_model(output_dir, ensemble.model_name, ensemble.variables, ensemble.preprocessing,
                            ensemble.metadata)
     return ensemble

@@ -977,50 +977,27 @@ def _teacher_probabilities(teacher_dir: str, data: Any, prep: Any, log: Callable
     return probabilities.astype(np.float32)
 
 
-def calibrate(loaded: checkpoints.LoadedModel, batches: Iterable[dict], source_of_path: dict[str, str]) -> dict:
-    """The verdict threshold of ``loaded`` on labelled ``batches`` (uint8 "image", "label", "path"), scored
-    as the scanner scores by default (flip averaging): the equal-error point with every (source, class)
-    weighted equally, and the AUC per source there. With several hosts, this host's part of the split."""
-    from meso_jax import scoring  # pylint: disable=import-outside-toplevel  (only when exporting)
-
-    scorer = scoring.Scorer(loaded, batch_size=64, flip_average=True)
-    scores, labels, names = [], [], []
-    for batch in batches:
-        scores.append(scorer.score(np.asarray(batch["image"])))
-        labels.append(np.asarray(batch["label"]).round().astype(np.int64))
-        names += [source_of_path.get(p.decode() if isinstance(p, bytes) else str(p), "") for p in batch["path"]]
-    scores_all, labels_all = np.concatenate(scores), np.concatenate(labels)
-    source_names = sorted(set(names))
-    source_ids = np.array([source_names.index(name) for name in names])
-    threshold = metrics.balanced_eer_threshold(labels_all, scores_all, source_ids)
-    per_source = {name or "all": metrics.binary_metrics(labels_all[source_ids == index],
-                                                         scores_all[source_ids == index])["auc"]
-                  for index, name in enumerate(source_names)}
-    if threshold is None:
-        return {"threshold": scoring.DEFAULT_THRESHOLD,
-                "threshold_rule": "0.5: the validation data held one class, no threshold could be chosen"}
-    return {"threshold": round(float(threshold), 4),
-            "threshold_rule": "equal error rate on validation scores (flip-averaged, as scanned) with every "
-                              "source and class weighted equally",
-            "calibration_auc_by_source": per_source}
-
-
 def export_best(workdir: str | os.PathLike, export_dir: str | os.PathLike,
                 log: Callable[[str], None] = _log_to_stdout, calibration_batches: Callable[[], Iterable[dict]] | None = None,
                 source_of_path: dict[str, str] | None = None) -> None:
     """Exports the best checkpoint of a training workdir as a model directory for prediction, with the
     preprocessing it scans with (checkpoints.scan_preprocessing: Haar faces for a model trained on
     pre-cropped face images) and, given ``calibration_batches`` (the validation batches), the verdict
-    threshold chosen on them (calibrate)."""
+    threshold chosen on them (calibration.calibrate)."""
     best = checkpoints.load_model(workdir)
     extra = {k: v for k, v in best.metadata.items()
              if k not in ("model", "input_shape", "preprocessing", "label_convention")}
     if best.preprocessing != best.metadata.get("preprocessing"):
         extra["trained_on"] = "pre-cropped face images (face_detector=none); scans find faces with haar"
     if calibration_batches is not None:
+        from meso_jax import calibration  # pylint: disable=import-outside-toplevel  (only when exporting)
+
         batches = calibration_batches()
+        names = source_of_path or {}
         try:
-            extra.update(calibrate(best, batches, source_of_path or {}))
+            extra.update(calibration.calibrate(best, (
+                {**batch, "source": [names.get(p.decode() if isinstance(p, bytes) else str(p), "")
+                                     for p in batch["path"]]} for batch in batches)))
         finally:
             _release(batches)
         log(f"verdict threshold {extra['threshold']:.4f} ({extra['threshold_rule']})")

@@ -144,3 +144,27 @@ def test_paired_batches_hold_the_originals_of_their_fakes():
                       and f.label == FAKE) != sorted(f.source for f in (files[i] for i in unpaired[first:first + 8])
                                                      if f.source_name == "pairs" and f.label == REAL)
                for first in range(0, len(unpaired) - 7, 8))
+
+
+def test_calibration_stores_a_threshold_the_scanner_uses_unless_overridden(tmp_path):
+    from meso_jax import calibration, checkpoints, scoring
+    from tests.conftest import random_model_variables
+
+    loaded = checkpoints.LoadedModel("meso4", random_model_variables(0, head_gain=30.0), {}, {})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 256, 256, 3), dtype=np.uint8)
+    labels = np.array([1, 0] * 12)
+    batches = [{"image": images[:16], "label": labels[:16], "source": ["a"] * 16},
+               {"image": images[16:], "label": labels[16:], "source": ["b"] * 8}]
+    found = calibration.calibrate(loaded, batches)
+    scores = scoring.Scorer(loaded, batch_size=64, flip_average=True).score(images)
+    sources = np.array([0] * 16 + [1] * 8)
+    assert found["threshold"] == pytest.approx(metrics.balanced_eer_threshold(labels, scores, sources), abs=1e-4)
+    assert set(found["calibration_auc_by_source"]) == {"a", "b"}
+    assert found["threshold_rule"] == calibration.THRESHOLD_RULE
+    checkpoints.save_model(tmp_path / "model", "meso4", loaded.variables, {}, found)
+    assert scoring.Scorer(checkpoints.load_model(tmp_path / "model"), batch_size=4).threshold == found["threshold"]
+    assert scoring.Scorer(loaded, batch_size=4).threshold == 0.5  # no threshold in the metadata
+    # One class only: no threshold can be chosen, and the rule says so.
+    one_class = calibration.calibrate(loaded, [{"image": images[:4], "label": np.ones(4), "source": ["a"] * 4}])
+    assert one_class["threshold"] == 0.5 and "one class" in one_class["threshold_rule"]

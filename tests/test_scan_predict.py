@@ -328,3 +328,20 @@ def test_published_weights_give_reference_scores(shared_dir, cache_dir):
     assert scores.keys() == reference.keys()
     for name, expected in reference.items():
         assert scores[name] == pytest.approx(expected, abs=1e-4), name
+
+
+def test_the_verdict_uses_the_models_threshold_unless_one_is_given(media_dir, model_dir, scorer, cache_dir, tmp_path):
+    variables = checkpoints.load_model(model_dir).variables
+    records = _scan(media_dir, scorer)
+    scores = sorted(r.score for r in records if r.error is None)
+    threshold = round((scores[1] + scores[2]) / 2, 6)  # between the 2nd and 3rd lowest: two files are fake
+    calibrated = tmp_path / "calibrated"
+    checkpoints.save_model(calibrated, "meso4", variables, TEST_PREPROCESSING.to_dict(), {"threshold": threshold})
+    result = _run("predict_main.py", f"--path={media_dir}", f"--checkpoint={calibrated}", "--format=json",
+                  "--noprogress", cache_dir=cache_dir)
+    labels = [json.loads(line)["label"] for line in result.stdout.splitlines()]
+    assert labels.count("fake") == 2 and result.stderr.strip().endswith(f"(real when score >= {threshold:.3g})")
+    overridden = _run("predict_main.py", f"--path={media_dir}", f"--checkpoint={calibrated}", "--format=json",
+                      "--noprogress", "--threshold=0", cache_dir=cache_dir)
+    assert all(json.loads(line)["label"] == "real" for line in overridden.stdout.splitlines())
+    assert overridden.stderr.strip().endswith("(real when score >= 0)")
