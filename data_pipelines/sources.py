@@ -283,11 +283,13 @@ def _labelled_files(split_dir: str, kinds: tuple[str, ...], required: bool) -> l
 
 
 def load_labelled_splits(data_dir: str | os.PathLike, kinds: Iterable[str] = ("image", "video"),
-                         val_fraction: float = 0.1, seed: int = 0, require_fakes: bool = True) -> LabelledSplits:
+                         val_fraction: float = 0.1, seed: int = 0, require_fakes: bool = True,
+                         allow_one_class: bool = False) -> LabelledSplits:
     """Labelled train/val/test files of ``data_dir`` (see module docstring for layouts).
 
     Without a val/ folder, ``val_fraction`` of the train files is split off by source.
-    Raises ValueError (one line) for a missing folder or a class without files.
+    Raises ValueError (one line) for a missing folder or a class without files (any one class will do
+    with ``allow_one_class``, e.g. to evaluate a set of fakes; real files alone with not ``require_fakes``).
     """
     data_dir = os.fspath(data_dir)
     kinds = tuple(kinds)
@@ -314,7 +316,9 @@ def load_labelled_splits(data_dir: str | os.PathLike, kinds: Iterable[str] = ("i
     splits: dict[str, list[LabelledFile]] = {"train": [], "val": [], "test": []}
     keyed: dict[str, list[tuple[str, float, list[str]]]] = {}
     for split, root in roots.items():
-        files = _labelled_files(root, kinds, required=(split == "train") and require_fakes)
+        files = _labelled_files(root, kinds, required=(split == "train") and require_fakes and not allow_one_class)
+        if split == "train" and not files and allow_one_class:
+            raise ValueError(f"no {'/'.join(kinds)} files in the real/ or fake/ folders under {root}")
         if split == "train" and not require_fakes and not any(label == REAL for _, label, _ in files):
             raise ValueError(f"no {'/'.join(kinds)} files in a real (or original) folder under {root}")
         keyed[split] = []

@@ -40,7 +40,7 @@ def labelled_media(data_dir: str) -> list[tuple[str, int]]:
     Raises EvaluationError when the folder lacks them or has train/val/test splits instead.
     """
     try:
-        splits = sources.load_labelled_splits(data_dir, val_fraction=0.0)
+        splits = sources.load_labelled_splits(data_dir, val_fraction=0.0, allow_one_class=True)
     except ValueError as error:
         raise EvaluationError(str(error)) from None
     if splits.val or splits.test:
@@ -96,7 +96,10 @@ def evaluation_report(labelled_records: list[LabelledRecord], threshold: float,
     scores_by_level = _sample_scores(scored)
     frame_labels, frame_scores = scores_by_level["frames"]
     video_labels, video_scores = scores_by_level["videos"]
+    one_class = len({item.label for item in scored}) == 1
     report = {
+        "undefined": ("AUC, EER, average precision and the best thresholds need real and fake files; the scored "
+                      f"files are all {LABEL_WORDS[scored[0].label]}") if one_class else None,
         "counts": {
             "files": len(labelled_records),
             "scored_files": len(scored),
@@ -180,6 +183,8 @@ def format_report(report: dict) -> str:
     for method, by_level in report.get("by_method", {}).items():
         lines.append(f"{'AUC, real vs ' + method:<26}{_number(by_level['frames']['auc']):>12}"
                      f"{_number(by_level['videos']['auc']):>12}")
+    if report.get("undefined"):
+        lines.append(f"undefined ('-'): {report['undefined']}")
     lines.append(f"{counts['scored_files']} of {counts['files']} files scored "
                  f"({counts['images']} images, {counts['videos']} videos, {counts['frames']} frames)")
     if report["unscored"]:

@@ -113,3 +113,24 @@ def test_eval_main_usage_error_for_unlabelled_folder(tmp_path):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "real" in result.stderr, result.stderr
+
+
+def test_eval_main_on_a_set_of_one_class_reports_what_is_undefined_and_why(tmp_path, model_dir):
+    data = tmp_path / "data"
+    (data / "fake").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for index in range(3):
+        assert cv2.imwrite(str(data / "fake" / f"fake{index}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    output_dir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "eval_main.py"), f"--path={data}", f"--output_dir={output_dir}",
+         f"--checkpoint={model_dir}", "--noprogress"],
+        cwd=REPO_ROOT, env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")),
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads((output_dir / "metrics.json").read_text())
+    assert report["frame_level"]["auc"] is None and report["frame_level"]["accuracy"] is not None
+    assert "need real and fake files" in report["undefined"] and "all fake" in report["undefined"]
+    assert "undefined ('-'): AUC" in result.stdout
+    assert (output_dir / "roc.png").read_bytes()[:4] == b"\x89PNG"
