@@ -40,9 +40,21 @@ def main(workdir: str, output_path: str, coordinator: str | None = None, num_pro
             rows = mine[start:start + local]
             yield {"image": images[rows], "label": labels[rows]}
 
+    # The rows of a training batch each device holds, as the train step receives them (all 8 would mean the
+    # batch is replicated, not split).
+    rows_per_device: list[int] = []
+    shard_batch = train.DataParallel.shard_batch
+
+    def recording_shard_batch(self, local_batch: dict) -> dict:
+        sharded = shard_batch(self, local_batch)
+        rows_per_device.extend(shard.data.shape[0] for shard in sharded["image"].addressable_shards)
+        return sharded
+
+    train.DataParallel.shard_batch = recording_shard_batch
     config = train.TrainConfig(epochs=1, batch_size=BATCH, schedule="constant", progress_bar=False,
                                checkpoint_every_steps=2)
     result = train.fit(config, workdir, STEPS, {"preprocessing": {}}, epoch_batches, val_batches)
+    train.DataParallel.shard_batch = shard_batch
     restored = checkpoints.load_model(workdir)
     leaves = {jax.tree_util.keystr(path): np.asarray(leaf)
               for path, leaf in jax.tree_util.tree_leaves_with_path(restored.variables)}
@@ -52,7 +64,8 @@ def main(workdir: str, output_path: str, coordinator: str | None = None, num_pro
         scores[f"scores_{name}"] = scorer.score(images)
         scores[f"scorer_devices_{name}"] = scorer.device_count
     if index == 0:
-        np.savez(output_path, device_count=jax.device_count(), val_loss=result["val_loss"],
+        np.savez(output_path, device_count=jax.device_count(), max_rows_per_device=max(rows_per_device),
+                 val_loss=result["val_loss"],
                  val_auc=result["val_auc"], **scores, **leaves)
 
 

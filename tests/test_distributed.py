@@ -61,6 +61,8 @@ def test_eight_devices_train_and_predict_like_one(tmp_path, one_device) -> None:
     one = dict(one_device)
     eight = _run_few_steps(tmp_path, 8)
     assert int(one.pop("device_count")) == 1 and int(eight.pop("device_count")) == 8
+    # Each device held 1 of the batch's 8 rows in training (8 would be a replicated batch).
+    assert int(one.pop("max_rows_per_device")) == 8 and int(eight.pop("max_rows_per_device")) == 1
     for path in ("fast", "plain"):  # prediction batches were split over all 8 devices
         assert int(one.pop(f"scorer_devices_{path}")) == 1 and int(eight.pop(f"scorer_devices_{path}")) == 8
     assert one.keys() == eight.keys()
@@ -74,6 +76,7 @@ def test_two_processes_train_evaluate_and_predict_like_one(tmp_path, one_device)
     one = dict(one_device)
     two_hosts = _run_two_processes(tmp_path)
     assert int(two_hosts.pop("device_count")) == 8 and int(one.pop("device_count")) == 1
+    assert int(two_hosts.pop("max_rows_per_device")) == 1 and int(one.pop("max_rows_per_device")) == 8
     for path in ("fast", "plain"):  # each process scores with its own 4 devices
         assert int(two_hosts.pop(f"scorer_devices_{path}")) == 4 and int(one.pop(f"scorer_devices_{path}")) == 1
     assert one.keys() == two_hosts.keys()

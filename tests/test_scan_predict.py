@@ -174,14 +174,15 @@ def test_hostile_inputs_get_error_records(hostile_dir, scorer):
     assert records["good.png"].error is None and records["ünïcødé 画像.png"].error is None
     assert records["line\nbreak.png"].error is None
     assert records["empty  line\nbreak.jpg"].error == "empty file"  # the reason alone, without the path
-    expected_errors = {"empty.jpg": "empty", "truncated.jpg": "truncated", "garbage.png": "",
-                       "text.jpg": "", "huge.png": "megapixel", "broken.mp4": "",
+    expected_errors = {"empty.jpg": "empty", "truncated.jpg": "truncated", "garbage.png": "not a supported image",
+                       "text.jpg": "not a supported image", "huge.png": "megapixel", "broken.mp4": "cannot open video",
                        "tiny.png": "image is 3x2 pixels, too small to judge", "tiny.avi": "frame is 8x8 pixels, too small"}
     for name, phrase in expected_errors.items():
         error = records[name].error
         assert error and "\n" not in error and phrase in error, (name, error)
         assert records[name].score is None and records[name].label is None
-    assert not any(path.startswith("loop") for path in records)  # the folder link to itself is not walked again
+    # The folder link to itself is not walked again: no record below hostile_dir/loop/.
+    assert not [r.path for r in _scan(hostile_dir, scorer) if os.path.join(str(hostile_dir), "loop") in r.path]
 
 
 def test_broken_links_get_error_records(hostile_dir, scorer):
