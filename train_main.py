@@ -8,7 +8,6 @@ metrics.jsonl and TensorBoard events go to --workdir; running the same command a
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -82,11 +81,10 @@ def main(argv: list[str]) -> int:
     if not exporting_only and not (FLAGS.data_dir and FLAGS.workdir):
         raise app.UsageError("--data_dir and --workdir are required to train", exitcode=2)
 
-    # A normal run prints progress and results: library INFO lines (orbax's saves, TensorFlow's oneDNN
-    # notice) only with an explicit --verbosity.
+    # A normal run prints progress and results: library INFO lines (orbax's saves) only with an explicit
+    # --verbosity.
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
     from meso_jax import host_memory
     host_memory.reuse_freed_memory()  # before the first large allocation
