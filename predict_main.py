@@ -80,14 +80,14 @@ def _scan(path: str, stream: TextIO) -> int:
 
     image_limit = _ILIMIT.value if _ILIMIT.value is not None else _LIMIT.value
     video_limit = _VLIMIT.value if _VLIMIT.value is not None else _LIMIT.value
-    scorer, prep = cli.load_scanner(_SCORING)
-    options = scan.ScanOptions(threshold=cli.threshold(_SCORING, scorer), aggregate=_SCORING.aggregate.value,
+    detector = cli.load_detector(_SCORING)
+    options = scan.ScanOptions(threshold=cli.threshold(_SCORING, detector.scorer), aggregate=_SCORING.aggregate.value,
                                per_frame=_PER_FRAME.value, image_limit=image_limit, video_limit=video_limit,
                                workers=_SCORING.workers.value or scan.DEFAULT_WORKERS)
 
     writer = scan.make_writer(_FORMAT.value, stream, options.per_frame, options.threshold)
     show_progress = _SCORING.progress.value and sys.stderr.isatty()
-    summary = scan.scan(path, scorer, prep, options, writer, progress=show_progress)
+    summary = detector.scan_records(path, options, writer.write, progress=show_progress)
     if summary.files == 0:
         print(f"{PROGRAM}: no images or videos found in {path}", file=sys.stderr)
         return 1

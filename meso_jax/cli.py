@@ -75,6 +75,13 @@ def load_scanner(scoring_flags: ScoringFlags):
         raise UsageError(str(error)) from None
 
 
+def load_detector(scoring_flags: ScoringFlags):
+    """The meso_jax.detector.Detector the flags choose (their face detector and frame count applied)."""
+    from meso_jax import detector  # pylint: disable=import-outside-toplevel  (slow imports, after parsing)
+
+    return detector.Detector(*load_scanner(scoring_flags))
+
+
 def threshold(scoring_flags: ScoringFlags, scorer) -> float:
     """--threshold when given, else the model's own (scoring.Scorer.threshold)."""
     return scoring_flags.threshold.value if scoring_flags.threshold.value is not None else scorer.threshold

@@ -403,10 +403,3 @@ def load_scanner(checkpoint: str | None, keras_weights: str | None, face_detecto
         raise scoring.ModelSourceError(f"{scorer.model_source}: preprocessing image_size {prep.image_size} does not "
                                        f"match the model's input {scorer.input_shape}")
     return scorer, prep
-
-
-def scan(path: str, scorer: scoring.Scorer, prep: Preprocessing, options: ScanOptions,
-         writer: RecordWriter, progress: bool = False) -> ScanSummary:
-    """Scans a file or a folder (recursively, sorted) within the options' limits, writing each record."""
-    return scan_files(select_media(path, options.image_limit, options.video_limit), scorer, prep, options,
-                      writer.write, progress)
