@@ -56,10 +56,14 @@ def open_manager(directory: str | os.PathLike, keep_last: int = 3, keep_best: in
         create=create,
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(n=keep_last),
-            # A checkpoint whose metrics hold no number ranks last (never None: orbax sorts the values).
-            policies.BestN(get_metric_fn=lambda metrics: _or_minus_infinity(selection_value(metrics)), n=keep_best,
+            policies.BestN(get_metric_fn=_rank, n=keep_best,
                            keep_checkpoints_without_metrics=False),
         ]),
+        # best_fn makes orbax write each step's metrics into the checkpoint (its "metrics" item), so that
+        # after a restart BestN still knows which checkpoint is best; without it a resumed run's next
+        # saves delete the best checkpoint from before the restart.
+        best_fn=_rank,
+        best_mode="max",
         enable_async_checkpointing=False,
         # A save cut short (kill -9, power loss) leaves only a *.orbax-checkpoint-tmp folder, never a step;
         # a writable manager removes such leftovers when it opens. Readers never delete anything.
@@ -75,7 +79,9 @@ def selection_value(metrics: dict) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _or_minus_infinity(value: float | None) -> float:
+def _rank(metrics: dict) -> float:
+    """selection_value for orbax, which sorts the values: a checkpoint whose metrics hold no number ranks last."""
+    value = selection_value(metrics)
     return float("-inf") if value is None else value
 
 

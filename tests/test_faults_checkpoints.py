@@ -216,3 +216,16 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path) -> None:
     log.write_text('{"epoch": 1, "step": 5}\n{"epoch": 2, "step": 10}\n{"epoch": 3, "st')  # killed mid-line
     train._trim_metrics_log(log, last_step=8)  # pylint: disable=protected-access
     assert log.read_text() == '{"epoch": 1, "step": 5}\n'
+
+
+def test_the_best_checkpoint_survives_a_restart(tmp_path) -> None:
+    """A resumed run's saves must not delete the best checkpoint saved before the restart (orbax keeps
+    the best only if it can read that step's metrics back)."""
+    tree = {"model": {"w": np.zeros(3, np.float32)}, "train": {"step": np.zeros((), np.int32)}}
+    with checkpoints.open_manager(tmp_path, keep_last=2) as manager:
+        checkpoints.save_train_state(manager, 1, tree, {"step": 1}, metrics={"val_selection": 0.9, "val_auc": 0.9})
+        checkpoints.save_train_state(manager, 2, tree, {"step": 2}, metrics={"val_selection": 0.5, "val_auc": 0.5})
+    with checkpoints.open_manager(tmp_path, keep_last=2) as manager:  # a new process resumes
+        for step in (3, 4, 5):
+            checkpoints.save_train_state(manager, step, tree, {"step": step}, metrics=None)
+        assert manager.all_steps() == [1, 4, 5]
