@@ -128,7 +128,8 @@ def test_a_class_whose_files_are_all_unusable_says_why(tmp_path):
     (tmp_path / "fake").mkdir()
     for index in range(3):
         (tmp_path / "fake" / f"broken{index}.jpg").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"no usable fake training samples .*\(3 files skipped; first: .*empty file\)"):
+    with pytest.raises(ValueError, match=r"no usable fake training samples .*: all 3 fake files were skipped "
+                                         r"\(first: .*/fake/broken0\.jpg: empty file\)"):
         create_datasets(str(tmp_path), "image", SMALL, batch_size=2, seed=0, val_fraction=0.0)
 
 

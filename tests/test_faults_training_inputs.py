@@ -13,6 +13,7 @@ import pytest
 
 from tests import fuzz_training
 from tests.fuzz_training import Case, problem, run_case
+from tests.test_faults_train_main import _main_in_process
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,16 @@ def _train(data: pathlib.Path, workdir: pathlib.Path, env: dict, *extra: str):
     return run_case(Case("", argv), env)
 
 
-def _one_line_error(result, *phrases: str) -> str:
-    assert problem(result) is None, result.stderr[-2000:]
-    assert result.returncode != 0
-    line = next(line for line in result.stderr.splitlines() if line.startswith("train_main"))
+def _one_line_error(monkeypatch, capsys, data: pathlib.Path, workdir: pathlib.Path, *phrases: str) -> str:
+    """train_main.main in this process (no training starts in these cases: fast) must return non-zero with
+    one train_main line naming ``phrases``."""
+    status = _main_in_process(monkeypatch, f"--data_dir={data}", f"--workdir={workdir}", "--epochs=2",
+                              "--batch_size=8", "--noprogress", "--face_detector=none")
+    own_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train_main")]
+    assert status != 0 and len(own_lines) == 1, own_lines
     for phrase in phrases:
-        assert phrase in line, line
-    return line
+        assert phrase in own_lines[0], own_lines[0]
+    return own_lines[0]
 
 
 def test_a_validation_split_of_one_class_trains_by_loss_and_resumes(tmp_path, env):
@@ -60,35 +64,35 @@ def test_a_validation_split_of_one_class_trains_by_loss_and_resumes(tmp_path, en
     assert "nothing to do" in again.stdout and (tmp_path / "model").is_dir()
 
 
-def test_one_real_and_one_fake_file_says_where_the_real_one_went(tmp_path, env):
+def test_one_real_and_one_fake_file_says_where_the_real_one_went(tmp_path, monkeypatch, capsys):
     _images(tmp_path / "data" / "real", 1, 1, True)
     _images(tmp_path / "data" / "fake", 1, 2, False)
-    result = _train(tmp_path / "data", tmp_path / "work", env)
-    line = _one_line_error(result, "training files", "went to validation")
+    line = _one_line_error(monkeypatch, capsys, tmp_path / "data", tmp_path / "work", "training files",
+                           "went to validation")
     assert ("no real" in line) != ("no fake" in line)
     word = "real" if "no real" in line else "fake"
     assert f"its 1 {word} file went to validation" in line
 
 
-def test_a_class_whose_files_are_all_corrupt_names_that_class(tmp_path, env):
+def test_a_class_whose_files_are_all_corrupt_names_that_class(tmp_path, monkeypatch, capsys):
     _images(tmp_path / "data" / "train" / "real", 10, 1, True)
     (tmp_path / "data" / "train" / "fake").mkdir(parents=True)
     for index in range(3):
         (tmp_path / "data" / "train" / "fake" / f"broken{index}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     _images(tmp_path / "data" / "val" / "real", 2, 3, True)
     _images(tmp_path / "data" / "val" / "fake", 2, 4, False)
-    line = _one_line_error(_train(tmp_path / "data", tmp_path / "work", env),
+    line = _one_line_error(monkeypatch, capsys, tmp_path / "data", tmp_path / "work",
                            "no usable fake training samples", "all 3 fake files were skipped", "broken0.jpg")
     assert "/real/" not in line
 
 
-def test_an_unusable_validation_split_stops_before_training(tmp_path, env):
+def test_an_unusable_validation_split_stops_before_training(tmp_path, monkeypatch, capsys):
     _images(tmp_path / "data" / "train" / "real", 10, 1, True)
     _images(tmp_path / "data" / "train" / "fake", 10, 2, False)
     for label in ("real", "fake"):
         (tmp_path / "data" / "val" / label).mkdir(parents=True)
         (tmp_path / "data" / "val" / label / "empty.jpg").write_bytes(b"")
-    _one_line_error(_train(tmp_path / "data", tmp_path / "work", env), "no usable validation samples", "val/")
+    _one_line_error(monkeypatch, capsys, tmp_path / "data", tmp_path / "work", "no usable validation samples", "val/")
     assert not (tmp_path / "work" / "checkpoints").exists() or not any((tmp_path / "work" / "checkpoints").iterdir())
 
 
@@ -97,22 +101,22 @@ def test_an_unusable_validation_split_stops_before_training(tmp_path, env):
     ("missing", ("does not exist",)),
     ("few", ("--batch_size=8 is larger than the", "use --batch_size=")),
 ])
-def test_data_dir_mistakes_are_one_line(tmp_path, env, setup, phrases):
+def test_data_dir_mistakes_are_one_line(tmp_path, monkeypatch, capsys, setup, phrases):
     data = tmp_path / "data"
     if setup == "file":
         data.write_bytes(b"x")
     elif setup == "few":
         _images(data / "real", 4, 1, True)
         _images(data / "fake", 4, 2, False)
-    _one_line_error(_train(data, tmp_path / "work", env), *phrases)
+    _one_line_error(monkeypatch, capsys, data, tmp_path / "work", *phrases)
 
 
 def test_random_training_folders(tmp_path, env):
     rng = np.random.default_rng(2026)
     outcomes = []
-    for index in range(4):
+    for index in range(3):
         case = fuzz_training.random_case(rng, tmp_path / f"case{index}")
         result = run_case(case, env)
         assert problem(result) is None, (case.description, result.stderr[-3000:])
         outcomes.append(result.returncode)
-    assert len(outcomes) == 4
+    assert len(outcomes) == 3
