@@ -179,8 +179,8 @@ def _prefetched(make_batch, steps: range) -> Iterator[dict]:
             yield future.result()
 
 
-def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, prep: Preprocessing, batch_size: int, seed: int,
-                    val_fraction: float = 0.1, augment: str = "full", synthesize_fakes: str | None = None,
+def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, prep: Preprocessing, batch_size: int,
+                    seed: int, val_fraction: float = 0.1, augment: str = "full", synthesize_fakes: str | None = None,
                     num_shards: int = 1, shard_index: int = 0, paired: bool = False) -> InMemoryData:
     """input_pipeline.create_datasets for pre-cropped images, held in memory (see the module docstring).
     ``data``: a folder, or the named folders (sources.parse_data_sources) whose batches are balanced by source.
@@ -218,5 +218,6 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
     return InMemoryData(train_count=train_count, val_count=val_real + val_fake,
                         class_counts={"real": real_count, "fake": fake_count}, skipped=skipped,
                         steps_per_epoch=steps_per_epoch,
-                        val_source_names={f.path: f.source_name for f in decoded["val"].files}, _train=decoded["train"], _val=decoded["val"],
+                        val_source_names={f.path: f.source_name for f in decoded["val"].files},
+                        _train=decoded["train"], _val=decoded["val"],
                         _settings=settings)

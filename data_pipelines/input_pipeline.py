@@ -153,12 +153,12 @@ def clip_indices_tf(num_samples: tf.Tensor, clip_frames: int) -> tf.Tensor:
     return tf.cond(num_samples < clip_frames, repeated, windows)
 
 
-def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, prep: Preprocessing, batch_size: int, seed: int,
-                    val_fraction: float = 0.1, augment: str = "full", cache_dir: str | None = None,
+def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, prep: Preprocessing, batch_size: int,
+                    seed: int, val_fraction: float = 0.1, augment: str = "full", cache_dir: str | None = None,
                     synthesize_fakes: str | None = None, clip_frames: int | None = None,
                     num_shards: int = 1, shard_index: int = 0, paired: bool = False) -> TrainingData:
-    """Training and validation datasets for the labelled folder ``data``, or the named folders (see sources.py for layouts;
-    several sources: every batch balanced by source and class, see training_examples.training_order).
+    """Training and validation datasets for the labelled folder ``data``, or the named folders (see sources.py
+    for layouts; several sources: every batch balanced by source and class, see training_examples.training_order).
 
     dataset: "image" or "video". augment: a preset of augment.AUGMENTATIONS. Unreadable files (and files without a face) are skipped and listed in
     ``skipped``. synthesize_fakes="sbi" trains on the real files plus one self-blended fake per real

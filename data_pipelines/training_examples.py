@@ -120,9 +120,9 @@ def training_order(seed: int, epoch: int, files: list[LabelledFile], source_weig
                    synthesize_fakes: str | None, batch_size: int, num_shards: int,
                    paired: bool = False) -> np.ndarray:
     """The file indices epoch ``epoch`` trains on: a permutation of ``files`` from one source, batches
-    balanced by source and class (balanced_epoch_order) from several or when ``paired``. ``batch_size`` is a shard's batch of
-    examples; the shards take turns along the order, so a global batch is one run of the order. ``paired``:
-    see balanced_epoch_order."""
+    balanced by source and class (balanced_epoch_order) from several or when ``paired``. ``batch_size`` is a
+    shard's batch of examples; the shards take turns along the order, so a global batch is one run of the
+    order. ``paired``: see balanced_epoch_order."""
     if balances_batches(source_weights, paired):
         examples_per_sample = 2 if synthesize_fakes == "sbi" else 1
         samples_per_batch = max(1, batch_size * num_shards // examples_per_sample)

@@ -978,7 +978,8 @@ def _teacher_probabilities(teacher_dir: str, data: Any, prep: Any, log: Callable
 
 
 def export_best(workdir: str | os.PathLike, export_dir: str | os.PathLike,
-                log: Callable[[str], None] = _log_to_stdout, calibration_batches: Callable[[], Iterable[dict]] | None = None,
+                log: Callable[[str], None] = _log_to_stdout,
+                calibration_batches: Callable[[], Iterable[dict]] | None = None,
                 source_of_path: dict[str, str] | None = None) -> None:
     """Exports the best checkpoint of a training workdir as a model directory for prediction, with the
     preprocessing it scans with (checkpoints.scan_preprocessing: Haar faces for a model trained on
