@@ -168,3 +168,21 @@ def test_calibration_stores_a_threshold_the_scanner_uses_unless_overridden(tmp_p
     # One class only: no threshold can be chosen, and the rule says so.
     one_class = calibration.calibrate(loaded, [{"image": images[:4], "label": np.ones(4), "source": ["a"] * 4}])
     assert one_class["threshold"] == 0.5 and "one class" in one_class["threshold_rule"]
+
+
+def test_video_sources_train_from_the_face_cache_with_validation_per_source(tmp_path):
+    from tests.test_data_pipeline import write_videos
+
+    for name, seed in (("first", 1), ("second", 5)):
+        for split in ("train", "val"):
+            write_videos(tmp_path / name / split / "real", 2, seed=seed)
+            write_videos(tmp_path / name / split / "fake", 2, seed=seed + 1)
+    data = input_pipeline.create_datasets(
+        [DataSource("first", str(tmp_path / "first"), 1.0), DataSource("second", str(tmp_path / "second"), 3.0)],
+        "video", SMALL, batch_size=4, seed=0, cache_dir=str(tmp_path / "cache"))
+    batches = list(input_pipeline.train_dataset_for_epoch(data, 0).as_numpy_iterator())
+    assert len(batches) == data.steps_per_epoch > 0
+    assert all(batch["image"].shape[1:] == (32, 32, 3) and np.all(batch["weight"] == 1.0) for batch in batches)
+    assert set(data.val_source_names.values()) == {"first", "second"}
+    val_paths = [p.decode() for batch in data.val.as_numpy_iterator() for p in batch["path"]]
+    assert {data.val_source_names[p] for p in val_paths} == {"first", "second"}
