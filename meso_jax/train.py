@@ -439,32 +439,29 @@ def _release(iterator: Any) -> None:
             pass
 
 
-def _logged_steps(path: pathlib.Path) -> set[int]:
-    """The steps of the epoch records in metrics.jsonl."""
+def _metrics_records(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """(line, record) of every complete line of metrics.jsonl (a line cut short by a crash is left out)."""
     if not path.is_file():
-        return set()
-    steps = set()
+        return []
+    records = []
     for line in path.read_text().splitlines():
         try:
-            steps.add(json.loads(line).get("step"))
-        except ValueError:  # a line cut short by a crash
+            records.append((line, json.loads(line)))
+        except ValueError:
             continue
-    return steps
+    return records
+
+
+def _logged_steps(path: pathlib.Path) -> set[int]:
+    """The steps of the epoch records in metrics.jsonl."""
+    return {record.get("step") for _, record in _metrics_records(path)}
 
 
 def _trim_metrics_log(path: pathlib.Path, last_step: int) -> None:
     """Drops metrics.jsonl records written after ``last_step`` (an epoch redone after a crash is logged once)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) > last_step:
-                continue
-        except ValueError:  # a line cut short by a crash
-            continue
-        kept.append(line + "\n")
-    path.write_text("".join(kept))
+    if path.is_file():
+        path.write_text("".join(line + "\n" for line, record in _metrics_records(path)
+                                if record.get("step", 0) <= last_step))
 
 
 # ----------------------------------------------------------------------------------------------
