@@ -189,6 +189,12 @@ def _stem(name: str) -> str:
     return os.path.splitext(os.path.basename(name.strip()))[0].lower()
 
 
+def normalised_csv_rows(handle: Iterable[str]) -> Iterator[dict[str, str]]:
+    """The rows of a metadata.csv as dicts, column names lower-cased and values stripped (raises csv.Error)."""
+    for row in csv.DictReader(handle):
+        yield {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+
+
 def _read_metadata(path: str) -> dict[str, _SourceInfo]:
     """name stem -> (video, original) from a DFDC-style metadata.csv / metadata.json."""
     entries: dict[str, _SourceInfo] = {}
@@ -202,8 +208,7 @@ def _read_metadata(path: str) -> dict[str, _SourceInfo]:
     try:
         with open(path, encoding="utf-8") as f:
             if path.lower().endswith(".csv"):
-                for row in csv.DictReader(f):
-                    row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+                for row in normalised_csv_rows(f):
                     names = [row.get(k, "") for k in ("file", "filename", "path", "name", "video")]
                     # DFDC names a file's video; FaceForensics++ crops name their group (a real frame and
                     # the fakes made on it), which must share a split just the same.

@@ -59,8 +59,7 @@ def fake_methods(data_dir: str, files: list[tuple[str, int]]) -> dict[str, str]:
         methods_by_file: dict[str, str] = {}
         try:
             with open(metadata_path, encoding="utf-8", newline="") as handle:
-                for row in csv.DictReader(handle):
-                    row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+                for row in sources.normalised_csv_rows(handle):
                     if row.get("method") and row.get("file"):
                         split_dir = os.path.join(folder, row["split"]) if row.get("split") else folder
                         methods_by_file[os.path.normpath(os.path.join(split_dir, row["file"]))] = row["method"]

@@ -521,6 +521,11 @@ class _EventLog:
         self._summary_writer.flush()
 
 
+def _path_text(path: bytes | str) -> str:
+    """A batch's "path" entry as text (tf.data yields bytes, the in-memory pipeline strings)."""
+    return path.decode() if isinstance(path, bytes) else str(path)
+
+
 def _video_ids(paths: Iterable[str]) -> np.ndarray:
     """int32 (N, 2): a 62-bit hash of each path, so that frames of one video can be grouped after they
     were gathered from several processes (strings cannot be)."""
@@ -566,11 +571,10 @@ def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel,
             local["label"][:count] = batch["label"]
             local["valid"][:count] = 1
             if len(source_names) > 1:
-                local["source"][:count] = [source_index[source_of_path[p.decode() if isinstance(p, bytes) else str(p)]]
+                local["source"][:count] = [source_index[source_of_path[_path_text(p)]]
                                            for p in np.asarray(batch["path"])]
             if video_level and "path" in batch:
-                local["video"][:count] = _video_ids(p.decode() if isinstance(p, bytes) else str(p)
-                                                    for p in np.asarray(batch["path"]))
+                local["video"][:count] = _video_ids(_path_text(p) for p in np.asarray(batch["path"]))
         sharded = parallel.shard_batch(local)
         output = jitted_eval_step(state, {"image": sharded["image"], "label": sharded["label"]})
         fetched = {**output, **{key: sharded[key] for key in ("label", "valid", "video", "source")}}
@@ -597,7 +601,6 @@ def evaluate(state: TrainState, batches: Iterable[dict], parallel: DataParallel,
             result.update({f"val_{name}_{k}": v for k, v in metrics.binary_metrics(labels_all[mine],
                                                                                   scores_all[mine]).items()
                            if k in ("auc", "balanced_accuracy", "eer")})
-    result["val_balanced_eer_threshold"] = metrics.balanced_eer_threshold(labels_all, scores_all, sources_all)
     result.update(selection_metrics(result, source_names, select_by))
     if video_level:
         per_video: dict[tuple[int, int], list[float]] = {}
@@ -994,8 +997,7 @@ def export_best(workdir: str | os.PathLike, export_dir: str | os.PathLike,
         names = source_of_path or {}
         try:
             extra.update(calibration.calibrate(best, (
-                {**batch, "source": [names.get(p.decode() if isinstance(p, bytes) else str(p), "")
-                                     for p in batch["path"]]} for batch in batches)))
+                {**batch, "source": [names.get(_path_text(p), "") for p in batch["path"]]} for batch in batches)))
         finally:
             _release(batches)
         log(f"verdict threshold {extra['threshold']:.4f} ({extra['threshold_rule']})")
