@@ -19,6 +19,9 @@ from meso_jax import cli
 _PATH = flags.DEFINE_string("path", None, "Folder with real/ and fake/ sub-folders.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where metrics.json, roc.png and scores.csv are written.")
 
+_REPORT = flags.DEFINE_string("report", None, "Also write a visual report to this HTML file: ROC curve, score "
+                              "histograms per class and method, the worst misses and false alarms with saliency "
+                              "heatmaps, every file (its images go to a sibling folder NAME_files/).")
 _SCORING = cli.define_scoring_flags()
 
 PROGRAM = "eval_main"
@@ -47,6 +50,7 @@ def _run(argv: list[str]) -> int:
     if not os.path.isdir(_PATH.value):
         raise cli.UsageError(f"{_PATH.value}: no such folder")
     _check_output_dir(_OUTPUT_DIR.value)  # before any slow work: fail now, not after scoring every file
+    cli.check_report_path(_REPORT.value)
     # Heavy imports only after the command line is known to be usable: a usage error answers at once.
     from meso_jax import evaluate, scan  # pylint: disable=import-outside-toplevel
 
@@ -59,12 +63,13 @@ def _run(argv: list[str]) -> int:
                                workers=_SCORING.workers.value or scan.DEFAULT_WORKERS)
     try:
         report = evaluate.evaluate(_PATH.value, labelled_files, scorer, prep, options, _OUTPUT_DIR.value,
-                                   progress=_SCORING.progress.value and sys.stderr.isatty())
+                                   progress=_SCORING.progress.value and sys.stderr.isatty(), report_path=_REPORT.value)
     except evaluate.EvaluationError as error:
         print(f"{PROGRAM}: {error}", file=sys.stderr)
         return 1
     print(evaluate.format_report(report))
-    print(f"wrote metrics.json, roc.png and scores.csv to {_OUTPUT_DIR.value}")
+    print(f"wrote metrics.json, roc.png and scores.csv to {_OUTPUT_DIR.value}"
+          + (f" and the report {_REPORT.value}" if _REPORT.value else ""))
     return 0
 
 

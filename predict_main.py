@@ -17,6 +17,7 @@ confident, else uncertain).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import TextIO
@@ -32,6 +33,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write records to this file instea
 _LIMIT = flags.DEFINE_integer("limit", None, "Scan at most N images and at most N videos.", lower_bound=0)
 _ILIMIT = flags.DEFINE_integer("ilimit", None, "Scan at most N images (overrides --limit for images).", lower_bound=0)
 _VLIMIT = flags.DEFINE_integer("vlimit", None, "Scan at most N videos (overrides --limit for videos).", lower_bound=0)
+_REPORT = flags.DEFINE_string("report", None, "Also write a visual report to this HTML file (most suspicious first: the "
+                              "faces that decided, saliency heatmaps, per-frame charts; its images go to a "
+                              "sibling folder NAME_files/).")
 
 _SCORING = cli.define_scoring_flags()
 
@@ -66,6 +70,7 @@ def _open_output() -> TextIO:
 
 def _run(argv: list[str]) -> int:
     path = _scan_path(argv)
+    cli.check_report_path(_REPORT.value)
     stream = _open_output()
     try:
         return _scan(path, stream)
@@ -87,7 +92,22 @@ def _scan(path: str, stream: TextIO) -> int:
 
     writer = scan.make_writer(_FORMAT.value, stream, options.per_frame, options.threshold)
     show_progress = _SCORING.progress.value and sys.stderr.isatty()
-    summary = detector.scan_records(path, options, writer.write, progress=show_progress)
+    if _REPORT.value is None:
+        summary = detector.scan_records(path, options, writer.write, progress=show_progress)
+    else:
+        from meso_jax import report as report_lib  # pylint: disable=import-outside-toplevel
+
+        report = report_lib.HtmlReport(_REPORT.value, detector.scorer, options.threshold, f"Scan of {path}")
+
+        def write_and_report(record: scan.ScanRecord) -> None:
+            writer.write(record)
+            report.add(record)
+
+        try:
+            summary = detector.scan_records(path, dataclasses.replace(options, keep_faces=True), write_and_report,
+                                            progress=show_progress)
+        finally:  # an interrupted scan still gets the report of the files done
+            print(f"{PROGRAM}: wrote the report {report.write()}", file=sys.stderr)
     if summary.files == 0:
         print(f"{PROGRAM}: no images or videos found in {path}", file=sys.stderr)
         return 1

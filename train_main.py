@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from data_pipelines.augment import AUGMENTATIONS
+from data_pipelines.faces import FACE_DETECTORS
 
 
 flags.DEFINE_enum("dataset", "image", ["image", "video"], "Train on images or on faces sampled from videos.")
@@ -60,7 +61,8 @@ flags.DEFINE_enum("input_pipeline", "tfdata", ["tfdata", "memory"],
 flags.DEFINE_string("cache_dir", None, "Where extracted video faces are cached (default: <workdir>/face_cache).")
 flags.DEFINE_enum("synthesize_fakes", None, ["sbi"], "Add self-blended fakes made from the real faces.")
 flags.DEFINE_enum("resize", "nearest", ["nearest", "area", "bilinear"], "Resize rule to 256x256 (nearest = Keras).")
-flags.DEFINE_enum("face_detector", "haar", ["haar", "none"], "Face detector for videos (none: whole frames).")
+flags.DEFINE_enum("face_detector", "blazeface", list(FACE_DETECTORS),
+                  "Face detector for videos and uncropped images (none: whole frames or pre-cropped faces).")
 flags.DEFINE_integer("frames_per_video", 32, "Frames sampled evenly from each video.")
 flags.DEFINE_integer("checkpoint_every_steps", 500, "Save a checkpoint every N steps (and at every epoch end).")
 flags.DEFINE_integer("keep_checkpoints", 3, "How many of the latest checkpoints to keep (the best is kept too).")

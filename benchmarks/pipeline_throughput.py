@@ -6,13 +6,13 @@ Images: face crops (default ../shared/dfdc_faces/val) read + decoded and resized
 what predict_main hands to the model, which scales on the device), single-threaded and with a thread
 pool; host-side scaling to float32 (what extract_samples adds) is timed separately. Video: a clip's
 32 evenly sampled frames decoded (skipping non-reference frames, as the scan does, and for
-comparison decoding every frame), Viola-Jones faces found, crops resized, and Meso-4 (fast path and
-plain Flax) run on the crops, each stage alone; then the whole scan as predict_main does it (samples.extract_face_crops, which overlaps
-face detection with decoding, and the fast path), given as a multiple of real time (clip duration /
+comparison decoding every frame), faces found by each detector (BlazeFace, Viola-Jones), crops
+resized, and Meso-4 (fast path and plain Flax) run on the crops, each stage alone; then the whole scan
+as predict_main does it with each detector (samples.extract_face_crops, which overlaps face detection
+with decoding, links people, and the fast path), given as a multiple of real time (clip duration /
 scan seconds). Video folder (``--video_dir``, default ../shared/dev_videos): every video's face
-extraction as the scan does it (decode, detection, crops; no model), best of ``--rounds``, with the
-previous-face search (the default) and, alternating with it, with every frame searched over all face
-sizes (``faces.PREVIOUS_FACE_MIN_RATIO`` set to 0). Training (``--train_dir``, default ../shared/dfdc_faces):
+extraction as the scan does it (decode, detection, people, crops; no model), best of ``--rounds``, with
+each detector, alternating. Training (``--train_dir``, default ../shared/dfdc_faces):
 train_main's default tf.data pipeline alone (decode, resize, flip augmentation, batches of 32), images/s,
 alternating rounds with its files decoded and samples augmented one per Python call
 (``input_pipeline.SAMPLES_PER_CALL`` = 1) and ``SAMPLES_PER_CALL`` at a time.
@@ -76,8 +76,8 @@ def video_stages(path: str, frames: int, rounds: int) -> dict:
     width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     capture.release()
     duration = frame_count / fps if fps else float("nan")
-    prep = preprocessing.Preprocessing(frames_per_video=frames)
-    detector = faces.make_face_detector("haar")
+    detectors = {name: faces.make_face_detector(name) for name in ("blazeface", "haar")}
+    preps = {name: preprocessing.Preprocessing(frames_per_video=frames, face_detector=name) for name in detectors}
 
     weights = SHARED / "mesonet" / "Meso4_DF.h5"
     if weights.is_file():
@@ -89,85 +89,76 @@ def video_stages(path: str, frames: int, rounds: int) -> dict:
     v_dev = jax.device_put(variables, device)
     module = models.get_model("meso4").module
     plain = jax.jit(lambda v, x: module.apply(v, preprocessing.as_model_input(x), train=False))
-    batch = np.zeros((frames, 256, 256, 3), np.uint8)
+    batch_size = 4 * frames  # room for several people
+    batch = np.zeros((batch_size, 256, 256, 3), np.uint8)
     compile_t0 = time.perf_counter()
     fast_inference.meso4_logits(v_dev, jax.device_put(batch, device)).block_until_ready()
     fast_compile = time.perf_counter() - compile_t0
     plain(v_dev, jax.device_put(batch, device)).block_until_ready()
 
-    stage_times: dict[str, list[float]] = {k: [] for k in ("decode", "decode_every_frame", "detect",
-                                                           "detect_full_search", "crop_resize", "model_fast",
-                                                           "model_plain", "scan_fast")}
-    found = 0
-    same_boxes = 0
+    stage_names = ["decode", "decode_every_frame", "crop_resize", "model_fast", "model_plain"]
+    stage_names += [f"detect_{name}" for name in detectors] + [f"scan_fast_{name}" for name in detectors]
+    stage_times: dict[str, list[float]] = {k: [] for k in stage_names}
+    found: dict[str, int] = {}
     for _ in range(rounds):
         t_every = time.perf_counter()  # for comparison: without skipping non-reference frames
         video.sample_video_frames(path, frames, skip_nonreference=False)
         stage_times["decode_every_frame"].append(time.perf_counter() - t_every)
         t0 = time.perf_counter()
         sampled = video.sample_video_frames(path, frames)
-        t1 = time.perf_counter()
-        raw_boxes: list = []
-        for _, frame in sampled:  # as the scan does: each search told the previous frame's face
-            raw_boxes.append(detector.detect(frame, previous_box=raw_boxes[-1] if raw_boxes else None))
-        boxes = faces.reject_inconsistent_boxes(raw_boxes)
+        stage_times["decode"].append(time.perf_counter() - t0)
+        for name, detector in detectors.items():
+            t1 = time.perf_counter()
+            boxes = [detector.detect_faces(frame) for _, frame in sampled]
+            stage_times[f"detect_{name}"].append(time.perf_counter() - t1)
+            found[name] = sum(1 for frame_boxes in boxes if frame_boxes)
         t2 = time.perf_counter()
-        crops = [preprocessing.resize_image(faces.crop_face(f, b, prep.face_margin), prep)
-                 for (_, f), b in zip(sampled, boxes) if b is not None]
+        crops = [preprocessing.resize_image(faces.crop_face(f, b[0], preps["blazeface"].face_margin), preps["blazeface"])
+                 for (_, f), b in zip(sampled, boxes) if b]
         t3 = time.perf_counter()
-        found = len(crops)
         batch[:] = 0
         if crops:
-            batch[:found] = np.stack(crops)
+            batch[:len(crops)] = np.stack(crops)
         np.asarray(fast_inference.meso4_logits(v_dev, jax.device_put(batch, device)))
         t4 = time.perf_counter()
         np.asarray(plain(v_dev, jax.device_put(batch, device)))
         t5 = time.perf_counter()
-        stage_times["decode"].append(t1 - t0)
-        stage_times["detect"].append(t2 - t1)
         stage_times["crop_resize"].append(t3 - t2)
         stage_times["model_fast"].append(t4 - t3)
         stage_times["model_plain"].append(t5 - t4)
-        t_scan = time.perf_counter()  # what predict_main does per video
-        scan_crops = samples.extract_face_crops(path, prep).crops_bhwc
-        batch[:] = 0
-        batch[:len(scan_crops)] = scan_crops
-        np.asarray(fast_inference.meso4_logits(v_dev, jax.device_put(batch, device)))
-        stage_times["scan_fast"].append(time.perf_counter() - t_scan)
-        t6 = time.perf_counter()  # not part of the scan: each frame searched over all face sizes (before)
-        full_search_boxes = faces.reject_inconsistent_boxes([detector.detect(f) for _, f in sampled])
-        stage_times["detect_full_search"].append(time.perf_counter() - t6)
-        same_boxes = sum(a == b for a, b in zip(full_search_boxes, boxes))
+        for name, prep in preps.items():
+            t_scan = time.perf_counter()  # what predict_main does per video: every person's faces
+            scan_crops = samples.extract_face_crops(path, prep).crops_bhwc[:batch_size]
+            batch[:] = 0
+            batch[:len(scan_crops)] = scan_crops
+            np.asarray(fast_inference.meso4_logits(v_dev, jax.device_put(batch, device)))
+            stage_times[f"scan_fast_{name}"].append(time.perf_counter() - t_scan)
     med = {k: float(np.median(v)) for k, v in stage_times.items()}
     return {"video": path, "width": width, "height": height, "fps": fps, "frame_count": frame_count,
-            "duration_s": duration, "sampled_frames": frames, "faces_found": found,
-            "frames_with_same_box_as_full_search": same_boxes,
+            "duration_s": duration, "sampled_frames": frames, "frames_with_a_face": found,
             "fast_path_compile_s": fast_compile,
             "stage_seconds_median": med,
             "frames_per_s": {k: frames / v for k, v in med.items()},
-            "x_real_time_fast": duration / med["scan_fast"],
-            "x_real_time_plain": duration / (med["scan_fast"] - med["model_fast"] + med["model_plain"])}
+            "x_real_time_fast": {name: duration / med[f"scan_fast_{name}"] for name in detectors}}
 
 
 def video_folder(root: pathlib.Path, frames: int, rounds: int) -> dict:
-    """Face extraction time of every video under ``root``: with the previous-face search and without."""
+    """Face extraction time of every video under ``root`` with each face detector."""
     paths = sorted(str(p) for p in root.rglob("*") if preprocessing.media_kind(p) == "video")
-    prep = preprocessing.Preprocessing(frames_per_video=frames)
-    default_ratio = faces.PREVIOUS_FACE_MIN_RATIO
-    settings = {"previous_face": default_ratio, "full_search": 0.0}
+    settings = {name: preprocessing.Preprocessing(frames_per_video=frames, face_detector=name)
+                for name in ("blazeface", "haar")}
     seconds: dict[str, dict[str, list[float]]] = {name: {p: [] for p in paths} for name in settings}
     crops: dict[str, dict[str, int]] = {name: {} for name in settings}
-    try:
-        for round_index in range(rounds):
-            order = list(settings) if round_index % 2 == 0 else list(settings)[::-1]
-            for name in order:
-                faces.PREVIOUS_FACE_MIN_RATIO = settings[name]
-                for path in paths:
-                    t0 = time.perf_counter()
-                    crops[name][path] = len(samples.extract_face_crops(path, prep).frame_indices)
-                    seconds[name][path].append(time.perf_counter() - t0)
-    finally:
-        faces.PREVIOUS_FACE_MIN_RATIO = default_ratio
+    people: dict[str, dict[str, int]] = {name: {} for name in settings}
+    for round_index in range(rounds):
+        order = list(settings) if round_index % 2 == 0 else list(settings)[::-1]
+        for name in order:
+            for path in paths:
+                t0 = time.perf_counter()
+                face_crops = samples.extract_face_crops(path, settings[name])
+                seconds[name][path].append(time.perf_counter() - t0)
+                crops[name][path] = len(face_crops.frame_indices)
+                people[name][path] = len(face_crops.person_boxes)
     videos = []
     for path in paths:
         capture = cv2.VideoCapture(path)
@@ -177,7 +168,8 @@ def video_folder(root: pathlib.Path, frames: int, rounds: int) -> dict:
         videos.append({"video": os.path.relpath(path, root), "width": int(width), "height": int(height),
                        "duration_s": frame_count / fps if fps else float("nan"),
                        **{f"{name}_s": min(seconds[name][path]) for name in settings},
-                       **{f"{name}_crops": crops[name][path] for name in settings}})
+                       **{f"{name}_crops": crops[name][path] for name in settings},
+                       **{f"{name}_people": people[name][path] for name in settings}})
     duration = sum(v["duration_s"] for v in videos)
     totals = {name: sum(v[f"{name}_s"] for v in videos) for name in settings}
     return {"videos": videos, "total_duration_s": duration, "total_seconds": totals,

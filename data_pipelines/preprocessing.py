@@ -13,6 +13,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from data_pipelines.faces import FACE_DETECTORS
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -28,7 +30,6 @@ RESIZE_INTERPOLATIONS = {
     "area": cv2.INTER_AREA,
     "bilinear": cv2.INTER_LINEAR,
 }
-FACE_DETECTORS = ("haar", "none")
 
 
 class MediaError(Exception):
@@ -44,7 +45,7 @@ class Preprocessing:
 
     image_size: int = 256
     resize: str = "nearest"
-    face_detector: str = "haar"
+    face_detector: str = "blazeface"
     face_margin: float = 1.3
     frames_per_video: int = 32
 

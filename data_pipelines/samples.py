@@ -9,7 +9,8 @@ import threading
 
 import numpy as np
 
-from data_pipelines.faces import Box, FaceDetector, crop_face, make_face_detector, reject_inconsistent_boxes
+from data_pipelines import people as people_lib
+from data_pipelines.faces import Box, FaceDetector, crop_face, make_face_detector
 from data_pipelines.preprocessing import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, Preprocessing,
                                           check_min_size, media_kind, read_image_rgb, resize_image, scale_to_unit)
 from data_pipelines.video import sample_video_frames
@@ -19,12 +20,19 @@ NO_FACE_MESSAGE = "no face found (use --face_detector=none for pre-cropped faces
 
 @dataclasses.dataclass
 class FaceCrops:
-    """uint8 crops before scaling to [0, 1] (what the training cache stores)."""
+    """uint8 crops before scaling to [0, 1] (what the training cache stores), person after person.
+
+    Each crop shows person ``person_ids[i]`` on frame ``frame_indices[i]``; ``person_boxes[p]`` is where
+    person p was first seen (x, y, w, h in pixels of the original frame; the whole frame without a face
+    detector). Every face of an image is a person; in a video, people are tracks (data_pipelines.people).
+    """
 
     kind: str
     crops_bhwc: np.ndarray  # uint8 (N, S, S, 3)
     frame_indices: list[int]
     frames_read: int
+    person_ids: list[int]
+    person_boxes: list[Box]
 
 
 @dataclasses.dataclass
@@ -41,8 +49,8 @@ _detectors_lock = threading.Lock()
 _detectors: dict[str, FaceDetector | None] = {}
 
 
-def _detector(name: str) -> FaceDetector | None:
-    """One shared detector per name (detectors are thread-safe)."""
+def face_detector(name: str) -> FaceDetector | None:
+    """One shared detector per name (detectors are thread-safe); raises faces.FaceDetectorUnavailable."""
     with _detectors_lock:
         if name not in _detectors:
             _detectors[name] = make_face_detector(name)
@@ -50,19 +58,13 @@ def _detector(name: str) -> FaceDetector | None:
 
 
 def _frames_and_faces(path: str, frames_per_video: int, detector: FaceDetector
-                      ) -> tuple[list[tuple[int, np.ndarray]], list[Box | None]]:
-    """Sampled frames and the face box of each; detection runs on a second thread while decoding goes on,
-    frame after frame, each search told the previous frame's face (FaceDetector.detect)."""
+                      ) -> tuple[list[tuple[int, np.ndarray]], list[list[Box]]]:
+    """Sampled frames and the faces of each; detection runs on a second thread while decoding goes on."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faces") as pool:
         pending: dict[int, concurrent.futures.Future] = {}
-        previous_box: list[Box | None] = [None]  # written and read only by the pool's one thread
-
-        def detect_after_previous(frame_rgb: np.ndarray) -> Box | None:
-            previous_box[0] = detector.detect(frame_rgb, previous_box=previous_box[0])
-            return previous_box[0]
 
         def start_detection(index: int, frame_rgb: np.ndarray) -> None:
-            pending[index] = pool.submit(detect_after_previous, frame_rgb)
+            pending[index] = pool.submit(detector.detect_faces, frame_rgb)
 
         frames = sample_video_frames(path, frames_per_video, on_frame=start_detection)
         return frames, [pending[index].result() for index, _ in frames]
@@ -75,36 +77,45 @@ def _check_frame_size(path: str, frames: list[tuple[int, np.ndarray]]) -> None:
 
 
 def extract_face_crops(path: str | os.PathLike, prep: Preprocessing) -> FaceCrops:
-    """Decodes ``path``, finds faces (unless prep.face_detector == "none") and resizes: uint8 crops.
+    """Decodes ``path``, finds every face (unless prep.face_detector == "none"), links a video's faces into
+    people seen on enough frames (people.people_to_judge) and resizes: uint8 crops, person after person.
 
     Raises MediaError for any problem with the file, including "no face".
     """
     path = os.fspath(path)
     kind = media_kind(path)
-    detector = _detector(prep.face_detector)
+    detector = face_detector(prep.face_detector)
     if kind == "image":
         image_rgb = read_image_rgb(path)
-        if detector is not None:
-            box = detector.detect(image_rgb)
-            if box is None:
-                raise MediaError(f"{path}: {NO_FACE_MESSAGE}")
-            image_rgb = crop_face(image_rgb, box, prep.face_margin)
-        return FaceCrops("image", resize_image(image_rgb, prep)[None], [0], 1)
+        height, width = image_rgb.shape[:2]
+        if detector is None:
+            return FaceCrops("image", resize_image(image_rgb, prep)[None], [0], 1, [0], [(0, 0, width, height)])
+        boxes = detector.detect_faces(image_rgb)
+        if not boxes:
+            raise MediaError(f"{path}: {NO_FACE_MESSAGE}")
+        crops = np.stack([resize_image(crop_face(image_rgb, box, prep.face_margin), prep) for box in boxes])
+        return FaceCrops("image", crops, [0] * len(boxes), 1, list(range(len(boxes))), list(boxes))
     if kind == "video":
         if detector is None:
-            crops = sample_video_frames(path, prep.frames_per_video)
-            frames_read = len(crops)
-            _check_frame_size(path, crops)
-        else:
-            frames, boxes = _frames_and_faces(path, prep.frames_per_video, detector)
-            frames_read = len(frames)
+            frames = sample_video_frames(path, prep.frames_per_video)
             _check_frame_size(path, frames)
-            crops = [(index, crop_face(frame, box, prep.face_margin))
-                     for (index, frame), box in zip(frames, reject_inconsistent_boxes(boxes)) if box is not None]
-        if not crops:
-            raise MediaError(f"{path}: {NO_FACE_MESSAGE} in any of {frames_read} sampled frames")
-        return FaceCrops("video", np.stack([resize_image(crop, prep) for _, crop in crops]),
-                         [index for index, _ in crops], frames_read)
+            boxes_per_frame = [[(0, 0, frame.shape[1], frame.shape[0])] for _, frame in frames]
+        else:
+            frames, boxes_per_frame = _frames_and_faces(path, prep.frames_per_video, detector)
+            _check_frame_size(path, frames)
+        people = people_lib.people_to_judge(people_lib.link_people(boxes_per_frame))
+        if not people:
+            raise MediaError(f"{path}: no face found in any of {len(frames)} sampled frames")
+        crops, frame_indices, person_ids = [], [], []
+        for person_id, person in enumerate(people):
+            for sample, box in zip(person.samples, person.boxes):
+                index, frame = frames[sample]
+                crop = frame if detector is None else crop_face(frame, box, prep.face_margin)
+                crops.append(resize_image(crop, prep))
+                frame_indices.append(index)
+                person_ids.append(person_id)
+        return FaceCrops("video", np.stack(crops), frame_indices, len(frames), person_ids,
+                         [person.first_box for person in people])
     extension = os.path.splitext(path)[1] or "(no extension)"
     raise MediaError(f"{path}: unsupported file type {extension}; "
                      f"images: {' '.join(IMAGE_EXTENSIONS)}; videos: {' '.join(VIDEO_EXTENSIONS)}")

@@ -61,6 +61,12 @@ def self_blend(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     All frames of a clip share one set of random parameters so the fake is temporally consistent.
     """
+    return self_blend_with_mask(images, rng)[0]
+
+
+def self_blend_with_mask(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """self_blend, and the float32 (S, S) blend mask in [0, 1]: where (and how much) the jittered copy
+    replaced the original."""
     if images.dtype != np.uint8 or images.shape[-1] != 3 or images.shape[-2] != images.shape[-3]:
         raise ValueError(f"self_blend needs uint8 (..., S, S, 3) images, got {images.dtype} {images.shape}")
     frames = images.reshape((-1,) + images.shape[-3:])
@@ -80,4 +86,4 @@ def self_blend(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             target = _color_jitter(frame, color)
         source = _scale_jitter(source, geometry)
         blended.append(np.clip(mask * source + (1.0 - mask) * target, 0, 255).round().astype(np.uint8))
-    return np.stack(blended).reshape(images.shape)
+    return np.stack(blended).reshape(images.shape), mask[..., 0]

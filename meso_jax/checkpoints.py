@@ -199,11 +199,11 @@ def _check_model_name(path: pathlib.Path, metadata: dict) -> str:
 
 def scan_preprocessing(metadata: dict) -> dict:
     """The preprocessing a checkpoint scans with: the recorded one, except that a model trained on
-    pre-cropped face images (dataset "image", face_detector "none") finds faces with Haar first, since
+    pre-cropped face images (dataset "image", face_detector "none") finds faces with BlazeFace first, since
     users scan whole photos and videos and the crops it learned from were faces."""
     preprocessing = dict(metadata.get("preprocessing", {}))
     if metadata.get("dataset") == "image" and preprocessing.get("face_detector") == "none":
-        preprocessing["face_detector"] = "haar"
+        preprocessing["face_detector"] = "blazeface"
     return preprocessing
 
 

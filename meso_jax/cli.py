@@ -9,8 +9,10 @@ import os
 import sys
 from typing import Callable
 
+import cv2
 from absl import flags, logging
 
+from data_pipelines.faces import FACE_DETECTORS
 from meso_jax import host_memory
 
 
@@ -41,8 +43,9 @@ def define_scoring_flags() -> ScoringFlags:
                                        "An exported model or a training --workdir (its best checkpoint); "
                                        "default: the model shipped in checkpoints/."),
         keras_weights=flags.DEFINE_string("keras_weights", None, "The authors' published MesoNet .h5 weights."),
-        face_detector=flags.DEFINE_enum("face_detector", None, ["haar", "none"],
-                                        "Face detector; default: the model's own setting. none: files are face crops."),
+        face_detector=flags.DEFINE_enum("face_detector", None, list(FACE_DETECTORS),
+                                        "Face detector (blazeface: MediaPipe's neural detector; haar: Viola-Jones); "
+                                        "default: the model's own setting. none: files are face crops."),
         frames=flags.DEFINE_integer("frames", None, "Frames sampled per video; default: the model's setting.",
                                     lower_bound=1),
         aggregate=flags.DEFINE_enum("aggregate", "mean", ["mean", "vote"],
@@ -60,6 +63,21 @@ def define_scoring_flags() -> ScoringFlags:
                                      lower_bound=1),
         progress=flags.DEFINE_bool("progress", True, "Show a progress bar on standard error (only on a terminal)."),
     )
+
+
+def check_report_path(path: str | None) -> None:
+    """A UsageError unless ``path`` (a --report file) is None or an .html file that can be written."""
+    if path is None:
+        return
+    if not path.lower().endswith((".html", ".htm")):
+        raise UsageError(f"--report {path}: give an .html file name")
+    if os.path.isdir(path):
+        raise UsageError(f"--report {path}: is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--report {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--report {path}: cannot write in {folder}")
 
 
 def load_scanner(scoring_flags: ScoringFlags):
@@ -105,7 +123,10 @@ def run_entry(program: str, run: Callable[[list[str]], int], argv: list[str]) ->
     host_memory.reuse_freed_memory()
     logging.set_verbosity(logging.WARNING)
     # OpenCV and FFmpeg would print their own warnings about broken files; the records say it in one line.
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    # (OpenCV is imported already, for the face detector names: its level is set directly unless the
+    # user's environment chose one.)
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     sys.stdout.reconfigure(errors="backslashreplace")  # file names that are not valid UTF-8
     try:

@@ -125,13 +125,24 @@ def evaluation_report(labelled_records: list[LabelledRecord], threshold: float,
 
 
 def evaluate(data_dir: str, files: list[tuple[str, int]], scorer: scoring.Scorer, prep: Preprocessing,
-             options: scan.ScanOptions, output_dir: str, progress: bool = False) -> dict:
+             options: scan.ScanOptions, output_dir: str, progress: bool = False, report_path: str | None = None
+             ) -> dict:
     """Scores ``files`` (labelled_media(data_dir)) and writes scores.csv, metrics.json and roc.png
-    into ``output_dir``. Returns the metrics.json content.
+    into ``output_dir``, and with ``report_path`` the visual report (meso_jax.report: ROC, histograms
+    per class and per manipulation method, the worst errors with their heatmaps, every file). Returns the
+    metrics.json content.
     """
     labels_by_path = dict(files)
     os.makedirs(output_dir, exist_ok=True)
     labelled_records: list[LabelledRecord] = []
+    methods = fake_methods(data_dir, files)
+    html_report = None
+    if report_path is not None:
+        from meso_jax import report as report_lib  # pylint: disable=import-outside-toplevel
+
+        html_report = report_lib.HtmlReport(report_path, scorer, options.threshold,
+                                            f"Evaluation on {os.path.abspath(data_dir)}")
+        options = dataclasses.replace(options, keep_faces=True)
     with open(os.path.join(output_dir, "scores.csv"), "w", encoding="utf-8", errors="backslashreplace",
               newline="") as scores_file:
         writer = scan.CsvRecordWriter(scores_file, per_frame=True,
@@ -139,11 +150,14 @@ def evaluate(data_dir: str, files: list[tuple[str, int]], scorer: scoring.Scorer
 
         def collect(record: scan.ScanRecord) -> None:
             writer.write(record)
-            labelled_records.append(LabelledRecord(record, labels_by_path[record.path]))
+            label = labels_by_path[record.path]
+            labelled_records.append(LabelledRecord(record, label))
+            if html_report is not None:
+                html_report.add(record, LABEL_WORDS[label])
 
         scan.scan_files([path for path, _ in files], scorer, prep, options, collect, progress)
 
-    numbers, scores_by_level = evaluation_report(labelled_records, options.threshold, fake_methods(data_dir, files))
+    numbers, scores_by_level = evaluation_report(labelled_records, options.threshold, methods)
     model_description = {"name": scorer.spec.name, "source": scorer.model_source,
                          "flip_average": scorer.flip_average}
     report = {"data_dir": os.path.abspath(data_dir), "model": model_description, "preprocessing": prep.to_dict(),
@@ -154,6 +168,20 @@ def evaluate(data_dir: str, files: list[tuple[str, int]], scorer: scoring.Scorer
     curves = {"frames": scores_by_level["frames"], "videos (one score per file)": scores_by_level["videos"]}
     metrics.plot_roc_curves(curves, os.path.join(output_dir, "roc.png"),
                             f"{model_description['name']} on {os.path.basename(os.path.abspath(data_dir))}")
+    if html_report is not None:
+        scored = [item for item in labelled_records if item.record.error is None]
+        video = numbers["video_level"]
+        rows = [("files scored", f"{len(scored)} of {len(labelled_records)}"),
+                ("real / fake", f"{video['n_real']} / {video['n_fake']}"),
+                ("AUC (one score per file)", _number(video["auc"])),
+                (f"accuracy at {options.threshold:.3f}", _number(video["accuracy"])),
+                ("balanced accuracy", _number(video["balanced_accuracy"])), ("EER", _number(video["eer"]))]
+        rows += [(f"AUC, real vs {method}", _number(by_level["videos"]["auc"]))
+                 for method, by_level in numbers.get("by_method", {}).items()]
+        html_report.add_evaluation(np.array([1 - item.label for item in scored]),
+                                   np.array([item.record.score for item in scored]),
+                                   [methods.get(item.record.path, "") for item in scored], rows)
+        html_report.write()
     return report
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Protocol, TextIO
 import numpy as np
 import tqdm
 
+from data_pipelines import faces
 from data_pipelines import samples as samples_lib
 from data_pipelines import sources
 from data_pipelines.preprocessing import MediaError, Preprocessing, media_kind
@@ -60,6 +61,7 @@ class ScanOptions:
     image_limit: int | None = None
     video_limit: int | None = None
     workers: int = DEFAULT_WORKERS
+    keep_faces: bool = False  # keep each person's most fake and most real face crop (ScanRecord.shown_faces)
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
@@ -74,14 +76,43 @@ class ScanOptions:
 
 
 @dataclasses.dataclass
+class PersonResult:
+    """One person of a file (a face of an image, a track of a video): their score (the file's aggregate
+    over their faces), verdict, the number of frames they were judged on, and where they were first seen
+    (x, y, w, h in pixels of the original frame)."""
+
+    score: float
+    label: str
+    frames: int
+    box: tuple[int, int, int, int]
+
+    def to_json_dict(self) -> dict:
+        """The person as a JSON-ready dict."""
+        return {"score": self.score, "label": self.label, "frames": self.frames, "box": list(self.box)}
+
+
+@dataclasses.dataclass
+class ShownFace:
+    """A face crop kept for a visual report: the most fake and the most real face of each person
+    (``person``: position in the record's ``people``); ``crop``: uint8 RGB, the model's input size."""
+
+    person: int
+    frame: int
+    score: float
+    crop: np.ndarray
+
+
+@dataclasses.dataclass
 class ScanRecord:
-    """The result for one file. ``score`` is the probability the content is real (None on error);
-    with the vote aggregate, a video's score is the share of its frames judged real.
+    """The result for one file. ``score`` is the probability the content is real (None on error): that
+    of the most fake person (``people[0]``), who decides the verdict. Each person's score aggregates their
+    own faces (mean probability, or with the vote aggregate the share of their frames judged real).
     kind: image | video ("unknown" for a file named explicitly whose extension is neither).
 
     frames: frames read (1 for an image); faces: samples the model scored (face crops, or whole
-    frames with face_detector=none). frame_indices/frame_scores: per sample (per clip for a clip
-    model, indexed by the clip's first frame).
+    frames with face_detector=none). people: most fake first. frame_indices/frame_scores/frame_people:
+    per sample (per clip for a clip model, indexed by the clip's first frame), frame_people[i] the
+    position in ``people`` (0 = the deciding person) of the person sample i shows.
     """
 
     path: str
@@ -94,15 +125,31 @@ class ScanRecord:
     error: str | None = None
     frame_indices: list[int] = dataclasses.field(default_factory=list)
     frame_scores: list[float] = dataclasses.field(default_factory=list)
+    people: list[PersonResult] = dataclasses.field(default_factory=list)
+    frame_people: list[int] = dataclasses.field(default_factory=list)
+    shown_faces: list[ShownFace] = dataclasses.field(default_factory=list)  # with ScanOptions.keep_faces
 
     def to_json_dict(self, per_frame: bool) -> dict:
-        """The record as a JSON-ready dict; frame scores only when ``per_frame``."""
+        """The record as a JSON-ready dict; frame scores (with the person, 1 = the deciding one) only when
+        ``per_frame``."""
         result = {"path": self.path, "kind": self.kind, "score": self.score, "label": self.label,
-                  "certainty": self.certainty, "frames": self.frames, "faces": self.faces, "error": self.error}
+                  "certainty": self.certainty, "frames": self.frames, "faces": self.faces,
+                  "people": [person.to_json_dict() for person in self.people], "error": self.error}
         if per_frame:
-            result["frame_scores"] = [{"frame": index, "score": score}
-                                      for index, score in zip(self.frame_indices, self.frame_scores)]
+            result["frame_scores"] = [{"frame": index, "person": person + 1, "score": score} for index, person, score
+                                      in zip(self.frame_indices, self.frame_people, self.frame_scores)]
         return result
+
+    def describe_people(self) -> str:
+        """The people in a few words, most fake first, e.g. "2 people: #1 fake 0.08 (30 frames), #2 real
+        0.93 (32 frames)"; empty for one person."""
+        if len(self.people) < 2:
+            return ""
+        noun = "faces" if self.kind == "image" else "people"
+        parts = [f"#{rank} {person.label} {person.score:.2f}" + ("" if self.kind == "image" else
+                                                                f" ({person.frames} frames)")
+                 for rank, person in enumerate(self.people, start=1)]
+        return f"{len(self.people)} {noun}: " + ", ".join(parts)
 
 
 @dataclasses.dataclass
@@ -164,11 +211,14 @@ class TextRecordWriter:
         if record.error is not None:
             self._line("-", "error", record.kind, "-", f"{path}  ({record.error})")
         else:
+            people = record.describe_people()
             self._line(f"{record.score:.4f}", f"{record.label} ({record.certainty})", record.kind,
-                       f"{record.faces}/{record.frames}", path)
+                       f"{record.faces}/{record.frames}", path + (f"  {people}" if people else ""))
             if self._per_frame and record.kind == "video":
-                for index, score in zip(record.frame_indices, record.frame_scores):
-                    self._stream.write(f"{'':>6}    frame {index:>6}: {score:.4f} {verdict(score, self._threshold)}\n")
+                for index, person, score in zip(record.frame_indices, record.frame_people, record.frame_scores):
+                    who = f" person #{person + 1}" if len(record.people) > 1 else ""
+                    self._stream.write(f"{'':>6}    frame {index:>6}{who}: {score:.4f} "
+                                       f"{verdict(score, self._threshold)}\n")
         self._stream.flush()
 
 
@@ -186,12 +236,14 @@ class JsonLinesRecordWriter:
 
 
 class CsvRecordWriter:
-    """CSV with a header; frame scores (when asked) as "frame:score" pairs joined by ";".
+    """CSV with a header; people: how many were judged, box: where the deciding one was first seen
+    ("x y w h"); frame scores (when asked) as "frame:score" pairs (or "frame:person:score" when there
+    are several people) joined by ";".
 
     With ``true_labels`` (path -> "real" | "fake", for evaluation) a true_label column follows the path.
     """
 
-    COLUMNS = ("path", "kind", "score", "label", "certainty", "frames", "faces", "error")
+    COLUMNS = ("path", "kind", "score", "label", "certainty", "frames", "faces", "people", "box", "error")
 
     def __init__(self, stream: TextIO, per_frame: bool, true_labels: dict[str, str] | None = None):
         self._stream = stream
@@ -207,12 +259,16 @@ class CsvRecordWriter:
     def write(self, record: ScanRecord) -> None:
         """Writes one CSV row and flushes."""
         values = record.to_json_dict(per_frame=False)
+        values["people"] = len(record.people) if record.error is None else None
+        values["box"] = " ".join(map(str, record.people[0].box)) if record.people else None
         row = ["" if values[column] is None else values[column] for column in self.COLUMNS]
         if self._true_labels is not None:
             row.insert(1, self._true_labels[record.path])
         if self._per_frame:
-            row.append(";".join(f"{index}:{score:.6f}"
-                                for index, score in zip(record.frame_indices, record.frame_scores)))
+            several = len(record.people) > 1
+            row.append(";".join(f"{index}:{person + 1}:{score:.6f}" if several else f"{index}:{score:.6f}"
+                                for index, person, score
+                                in zip(record.frame_indices, record.frame_people, record.frame_scores)))
         self._writer.writerow(row)
         self._stream.flush()
 
@@ -265,6 +321,8 @@ class _PreparedFile:
     record: ScanRecord
     model_inputs: np.ndarray | None = None  # uint8 crops (or clips of them)
     input_frame_indices: list[int] = dataclasses.field(default_factory=list)
+    input_person_ids: list[int] = dataclasses.field(default_factory=list)
+    person_boxes: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
     scores: list[float] = dataclasses.field(default_factory=list)
 
     @property
@@ -290,22 +348,58 @@ def _prepare_file(path: str, prep: Preprocessing, clip_frames: int | None) -> _P
     record.frames = crops.frames_read
     record.faces = len(crops.frame_indices)
     if clip_frames is None:
-        return _PreparedFile(record, crops.crops_bhwc, list(crops.frame_indices))
-    clip_sample_indices = samples_lib.clip_indices(record.faces, clip_frames)
-    first_frames = [crops.frame_indices[clip[0]] for clip in clip_sample_indices]
-    return _PreparedFile(record, crops.crops_bhwc[clip_sample_indices], first_frames)
+        return _PreparedFile(record, crops.crops_bhwc, list(crops.frame_indices), list(crops.person_ids),
+                             list(crops.person_boxes))
+    clips, first_frames, clip_person_ids = [], [], []
+    person_ids = np.asarray(crops.person_ids)
+    for person_id in range(len(crops.person_boxes)):  # each person's faces make that person's clips
+        samples = np.flatnonzero(person_ids == person_id)
+        for clip in samples[samples_lib.clip_indices(len(samples), clip_frames)]:
+            clips.append(crops.crops_bhwc[clip])
+            first_frames.append(crops.frame_indices[clip[0]])
+            clip_person_ids.append(person_id)
+    return _PreparedFile(record, np.stack(clips), first_frames, clip_person_ids, list(crops.person_boxes))
 
 
 def _finish(prepared: _PreparedFile, options: ScanOptions) -> ScanRecord:
-    """Fills in the record's score, verdict and frame scores from the scored inputs."""
+    """Fills in the record's people (each person's inputs aggregated), its score and verdict (those of
+    the most fake person) and its frame scores."""
     record = prepared.record
     if record.error is None:
-        record.score = scoring.aggregate_scores(prepared.scores, options.aggregate, options.threshold)
-        record.label = verdict(record.score, options.threshold)
+        input_person_ids = np.asarray(prepared.input_person_ids)
+        scores = np.asarray(prepared.scores, dtype=np.float64)
+        people = []
+        for person_id, box in enumerate(prepared.person_boxes):
+            score = scoring.aggregate_scores(scores[input_person_ids == person_id], options.aggregate,
+                                             options.threshold)
+            frames = int(np.sum(input_person_ids == person_id))
+            people.append(PersonResult(score, verdict(score, options.threshold), frames, tuple(box)))
+        order = sorted(range(len(people)), key=lambda person_id: people[person_id].score)
+        rank_of = {person_id: rank for rank, person_id in enumerate(order)}
+        record.people = [people[person_id] for person_id in order]
+        record.score = record.people[0].score
+        record.label = record.people[0].label
         record.certainty = certainty(record.score, options.threshold)
         record.frame_indices = prepared.input_frame_indices
         record.frame_scores = list(prepared.scores)
+        record.frame_people = [rank_of[person_id] for person_id in prepared.input_person_ids]
+        if options.keep_faces:
+            record.shown_faces = _faces_to_show(prepared, record)
     return record
+
+
+def _faces_to_show(prepared: _PreparedFile, record: ScanRecord) -> list[ShownFace]:
+    """Each person's most fake and most real input (one when they are the same; a clip's first frame)."""
+    shown = []
+    scores = np.asarray(prepared.scores)
+    ranks = np.asarray(record.frame_people)
+    for rank in range(len(record.people)):
+        inputs = np.flatnonzero(ranks == rank)
+        for index in dict.fromkeys([inputs[np.argmin(scores[inputs])], inputs[np.argmax(scores[inputs])]]):
+            crop = prepared.model_inputs[index]
+            shown.append(ShownFace(rank, prepared.input_frame_indices[index], float(scores[index]),
+                                   crop if crop.ndim == 3 else crop[0]))
+    return shown
 
 
 def scan_files(paths: Iterable[str], scorer: scoring.Scorer, prep: Preprocessing, options: ScanOptions,
@@ -398,6 +492,10 @@ def load_scanner(checkpoint: str | None, keras_weights: str | None, face_detecto
     overrides = {"face_detector": face_detector, "frames_per_video": frames_per_video}
     prep = dataclasses.replace(Preprocessing.from_dict(loaded_model.preprocessing),
                                **{name: value for name, value in overrides.items() if value is not None})
+    try:
+        samples_lib.face_detector(prep.face_detector)  # made now, so that a missing detector is one error
+    except faces.FaceDetectorUnavailable as error:
+        raise scoring.ModelSourceError(str(error)) from None
     scorer = scoring.Scorer(loaded_model, batch_size, flip_average=flip_average)
     if prep.image_size != scorer.input_shape[-2]:
         raise scoring.ModelSourceError(f"{scorer.model_source}: preprocessing image_size {prep.image_size} does not "

@@ -129,6 +129,11 @@ class Scorer:
                                                                               train=False))
 
     @property
+    def variables(self) -> dict:
+        """The model's Flax variables (params, batch_stats), on the scoring devices."""
+        return self._variables
+
+    @property
     def device_count(self) -> int:
         """How many devices each batch is split over (1 when the batch size does not divide evenly)."""
         return len(self._input_sharding.device_set)

@@ -31,7 +31,9 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_pipelines.faces import FaceDetectorUnavailable
 from data_pipelines.preprocessing import as_model_input
+from data_pipelines.samples import face_detector
 from meso_jax import checkpoints, fast_inference, fast_training, keras_import, metrics, models, onednn
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
@@ -901,6 +903,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None,
     processes = jax.process_count()
     if config.batch_size % processes:
         raise TrainingError(f"batch size {config.batch_size} does not divide by the {processes} hosts")
+    try:
+        face_detector(prep.face_detector)  # made now: a detector missing here is one error, not one per file
+    except FaceDetectorUnavailable as error:
+        raise TrainingError(str(error)) from None
     local_batch_size = config.batch_size // processes
     if config.input_pipeline == "memory":
         from data_pipelines import in_memory  # needs no TensorFlow
@@ -989,7 +995,7 @@ def export_best(workdir: str | os.PathLike, export_dir: str | os.PathLike,
     extra = {k: v for k, v in best.metadata.items()
              if k not in ("model", "input_shape", "preprocessing", "label_convention")}
     if best.preprocessing != best.metadata.get("preprocessing"):
-        extra["trained_on"] = "pre-cropped face images (face_detector=none); scans find faces with haar"
+        extra["trained_on"] = "pre-cropped face images (face_detector=none); scans find faces with blazeface"
     if calibration_batches is not None:
         from meso_jax import calibration  # pylint: disable=import-outside-toplevel  (only when exporting)
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: where ../shared is, small hand-built PNGs and random model variables."""
+"""Shared test helpers: where ../shared is, small hand-built PNGs and videos, random model variables."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pathlib
 import struct
 import zlib
 
+import cv2
 import jax
 import numpy as np
 import pytest
@@ -38,6 +39,18 @@ def png_declaring(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
             + chunk(b"IEND", b""))
+
+
+def write_video(path, frames_bgr, fps: float = 25.0) -> str:
+    """Writes BGR frames with OpenCV (MJPG for .avi, mp4v otherwise); returns the path."""
+    height, width = frames_bgr[0].shape[:2]
+    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if str(path).endswith(".avi") else "mp4v"))
+    writer = cv2.VideoWriter(str(path), fourcc, fps, (width, height))
+    assert writer.isOpened(), f"cannot write {path}"
+    for frame in frames_bgr:
+        writer.write(frame)
+    writer.release()
+    return str(path)
 
 
 def random_model_variables(seed: int, head_gain: float = 1.0, model_name: str = "meso4") -> dict:

@@ -9,24 +9,13 @@ import numpy as np
 import pytest
 
 from data_pipelines import video
-from data_pipelines.faces import (HaarFaceDetector, crop_face, make_face_detector, reject_inconsistent_boxes,
+from data_pipelines.faces import (BlazeFaceDetector, HaarFaceDetector, crop_face, make_face_detector,
                                   square_crop_box)
 from data_pipelines.preprocessing import MediaError, Preprocessing
 from data_pipelines.samples import clip_indices, extract_samples, make_clips
+from tests.conftest import write_video
 
 LEVEL_STEP = 7  # frame i is a flat gray frame of level i * LEVEL_STEP
-
-
-def write_video(path, frames_bgr, fps: float = 25.0) -> str:
-    """Writes frames with OpenCV (MJPG for .avi, mp4v otherwise)."""
-    height, width = frames_bgr[0].shape[:2]
-    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if str(path).endswith(".avi") else "mp4v"))
-    writer = cv2.VideoWriter(str(path), fourcc, fps, (width, height))
-    assert writer.isOpened(), f"cannot write {path}"
-    for frame in frames_bgr:
-        writer.write(frame)
-    writer.release()
-    return str(path)
 
 
 def numbered_video(path, frame_count: int) -> str:
@@ -151,18 +140,11 @@ def test_square_crop_box_is_enlarged_and_kept_inside_the_frame():
     assert crop_face(frame, (100, 60, 30, 30), 1.3).shape == (39, 39, 3)
 
 
-def test_inconsistent_boxes_are_rejected():
-    steady = [(100 + i, 50, 80, 80) for i in range(6)]
-    boxes = steady[:3] + [(400, 300, 20, 20)] + steady[3:] + [None]
-    kept = reject_inconsistent_boxes(boxes)
-    assert kept[3] is None and kept[:3] == steady[:3] and kept[4:7] == steady[3:] and kept[7] is None
-    assert reject_inconsistent_boxes([(0, 0, 10, 10), None]) == [(0, 0, 10, 10), None]
-
-
 def test_face_detector_registry():
     assert make_face_detector("none") is None
     assert isinstance(make_face_detector("haar"), HaarFaceDetector)
-    with pytest.raises(ValueError, match="haar"):
+    assert isinstance(make_face_detector("blazeface"), BlazeFaceDetector)
+    with pytest.raises(ValueError, match="blazeface, haar, none"):
         make_face_detector("retinaface")
 
 
@@ -196,44 +178,6 @@ def test_faces_found_in_a_synthetic_video_of_a_real_face(tmp_path, shared_dir):
     assert samples.inputs_bhwc.shape[1:] == (256, 256, 3) and len(samples.frame_indices) >= 3
     image_samples = extract_samples(shared_dir / "mesonet/test_images/real/real00240.jpg", Preprocessing())
     assert image_samples.kind == "image" and image_samples.inputs_bhwc.shape == (1, 256, 256, 3)
-
-
-def test_previous_face_narrows_the_search_to_its_region_and_the_full_search_remains(shared_dir):
-    face_rgb = cv2.cvtColor(cv2.imread(str(shared_dir / "mesonet/test_images/real/real00240.jpg")), cv2.COLOR_BGR2RGB)
-    both = np.full((360, 480, 3), 40, np.uint8)  # at most 480 px: detection runs at full size
-    both[60:220, 20:180] = cv2.resize(face_rgb, (160, 160))
-    both[220:290, 340:410] = cv2.resize(face_rgb, (70, 70))
-    small_only = both.copy()
-    small_only[:250, :250] = 40
-    detector = HaarFaceDetector()
-    searches = []  # (searched image's height and width, minimum face side)
-    cascade = detector._cascade()  # pylint: disable=protected-access
-
-    class CountingCascade:
-        def detectMultiScale(self, gray, **kwargs):  # noqa: N802 (OpenCV's name)
-            searches.append((gray.shape, kwargs["minSize"][0]))
-            return cascade.detectMultiScale(gray, **kwargs)
-
-    detector._local.cascade = CountingCascade()  # pylint: disable=protected-access
-    big = detector.detect(both)
-    assert big is not None and big[2] > 120 and searches == [((360, 480), 36)]  # whole frame, faces >= 0.1 x 360
-    small = detector.detect(small_only)
-    assert small is not None and small[0] > 300 and small[2] < 100
-
-    searches.clear()
-    narrowed = detector.detect(both, previous_box=big)
-    (region_shape, region_min_side), = searches  # one search: the region around the previous face
-    assert region_min_side == round(0.6 * big[2]) and region_shape[0] * region_shape[1] < 0.8 * 360 * 480
-    assert abs(narrowed[0] - big[0]) < 0.1 * big[2] and abs(narrowed[2] - big[2]) < 0.1 * big[2]
-
-    searches.clear()  # the region search follows the face it was shown, not the larger one elsewhere
-    followed = detector.detect(both, previous_box=small)
-    assert len(searches) == 1 and abs(followed[0] - small[0]) < 0.2 * small[2]
-
-    searches.clear()  # no face near the previous one: the whole frame is searched over all sizes
-    found = detector.detect(small_only, previous_box=big)
-    assert found is not None and found[0] > 300 and [s for _, s in searches] == [round(0.6 * big[2]), 36]
-    assert searches[1][0] == (360, 480)
 
 
 def test_real_dev_clips_yield_face_crops(shared_dir):

@@ -79,7 +79,7 @@ def test_exported_ensemble_scores_as_the_mean_of_its_members_and_records_them(tm
 
     loaded = checkpoints.load_model(tmp_path / "ensemble")
     assert loaded.model_name == "ensemble:meso4,mesoinception4"
-    assert loaded.preprocessing["face_detector"] == "haar"  # members trained on crops: scans find faces
+    assert loaded.preprocessing["face_detector"] == "blazeface"  # members trained on crops: scans find faces
     assert [member["model"] for member in loaded.metadata["members"]] == list(MEMBERS)
     assert all(member["source"].startswith(member_dir) for member, member_dir in
                zip(loaded.metadata["members"], member_dirs))

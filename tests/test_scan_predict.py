@@ -233,7 +233,8 @@ def test_certainty_bands(score, threshold, expected):
 
 
 def test_writers():
-    good = scan.ScanRecord("dir/clip.mp4", "video", 0.8123, "real", "confident", 8, 7, None, [0, 5], [0.7, 0.9])
+    good = scan.ScanRecord("dir/clip.mp4", "video", 0.8123, "real", "confident", 8, 7, None, [0, 5], [0.7, 0.9],
+                           [scan.PersonResult(0.8123, "real", 2, (10, 20, 30, 40))], [0, 0])
     bad = scan.ScanRecord("dir/x.jpg", "image", error="truncated JPEG")
     text = io.StringIO()
     writer = scan.make_writer("text", text, per_frame=False, threshold=0.5)
@@ -254,15 +255,18 @@ def test_writers():
     writer.write(good)
     writer.write(bad)
     first, second = (json.loads(line) for line in lines.getvalue().splitlines())
-    assert first["frame_scores"] == [{"frame": 0, "score": 0.7}, {"frame": 5, "score": 0.9}]
+    assert first["frame_scores"] == [{"frame": 0, "person": 1, "score": 0.7}, {"frame": 5, "person": 1, "score": 0.9}]
+    assert first["people"] == [{"score": 0.8123, "label": "real", "frames": 2, "box": [10, 20, 30, 40]}]
     assert second == {"path": "dir/x.jpg", "kind": "image", "score": None, "label": None, "certainty": None,
-                      "frames": 0, "faces": 0, "error": "truncated JPEG", "frame_scores": []}
+                      "frames": 0, "faces": 0, "people": [], "error": "truncated JPEG", "frame_scores": []}
 
     table = io.StringIO()
     writer = scan.make_writer("csv", table, per_frame=True, threshold=0.5)
     writer.write(good)
+    writer.write(bad)
     rows = list(csv.DictReader(io.StringIO(table.getvalue())))
     assert rows[0]["score"] == "0.8123" and rows[0]["frame_scores"] == "0:0.700000;5:0.900000"
+    assert (rows[0]["people"], rows[0]["box"]) == ("1", "10 20 30 40") and (rows[1]["people"], rows[1]["box"]) == ("", "")
 
 
 def test_predict_main_json_folder_with_bad_files(hostile_dir, model_dir, scorer, cache_dir):

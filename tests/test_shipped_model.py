@@ -92,7 +92,7 @@ def test_shipped_model_loads_with_its_metadata(name: str) -> None:
     model_name, parameter_count = SHIPPED[name]
     assert loaded.model_name == model_name
     assert "probability that the content is REAL" in loaded.metadata["label_convention"]
-    assert loaded.preprocessing["face_detector"] == "haar"  # trained on crops; scans find faces first
+    assert loaded.preprocessing["face_detector"] == "blazeface"  # trained on crops; scans find faces first
     assert loaded.preprocessing["resize"] == "nearest" and loaded.preprocessing["image_size"] == 256
     assert loaded.metadata["metrics"]["val_auc"] > 0.8
     assert models.count_params(loaded.variables["params"]) == parameter_count

@@ -74,14 +74,15 @@ def test_training_separates_two_classes_and_resumes(tmp_path) -> None:
     assert list((tmp_path / "tensorboard").iterdir())
 
     # The workdir and its exported best checkpoint score exactly like the variables it was trained to,
-    # and, trained on pre-cropped faces, both scan with Haar faces.
+    # and, trained on pre-cropped faces, both scan with BlazeFace faces.
     loaded = checkpoints.load_model(tmp_path)
     assert loaded.model_name == "meso4" and loaded.metadata["metrics"]["val_auc"] > 0.95
-    assert loaded.preprocessing == {"resize": "nearest", "face_detector": "haar"}
+    assert loaded.preprocessing == {"resize": "nearest", "face_detector": "blazeface"}
     export_dir = tmp_path / "exported"
     train.export_best(tmp_path, export_dir, log=first_messages.append)
     exported = checkpoints.load_model(export_dir)
-    assert exported.preprocessing == loaded.preprocessing and "scans find faces with haar" in exported.metadata["trained_on"]
+    assert exported.preprocessing == loaded.preprocessing
+    assert "scans find faces with blazeface" in exported.metadata["trained_on"]
     assert exported.metadata["metrics"] == loaded.metadata["metrics"]
     module = models.get_model("meso4").module
     inputs = scale_to_unit(VAL_IMAGES[:4])
