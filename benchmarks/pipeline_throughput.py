@@ -228,16 +228,19 @@ def main() -> None:
     if os.path.isfile(args.video):
         result["video"] = video_stages(args.video, args.frames, args.rounds)
         v = result["video"]
-        print(f"video {v['width']}x{v['height']} {v['duration_s']:.1f} s, {v['faces_found']}/{v['sampled_frames']} "
-              f"faces; frames/s: " + ", ".join(f"{k} {x:.1f}" for k, x in v["frames_per_s"].items()) +
-              f"; x real time: fast {v['x_real_time_fast']:.1f}, plain {v['x_real_time_plain']:.1f}", flush=True)
+        print(f"video {v['width']}x{v['height']} {v['duration_s']:.1f} s, frames with a face "
+              f"{v['frames_with_a_face']} of {v['sampled_frames']}; frames/s: "
+              + ", ".join(f"{k} {x:.1f}" for k, x in v["frames_per_s"].items())
+              + "; x real time (fast path): " + ", ".join(f"{k} {x:.1f}" for k, x in v["x_real_time_fast"].items()),
+              flush=True)
     if args.video_dir and os.path.isdir(args.video_dir):
         result["video_folder"] = folder = video_folder(pathlib.Path(args.video_dir), args.frames, args.rounds)
-        print("| video | size | duration s | face extraction s (previous-face search) | x real time | "
-              "s (full search) |\n|---|---|---|---|---|---|")
+        print("| video | size | duration s | face extraction s (blazeface) | x real time | people | s (haar) | people |"
+              "\n|---|---|---|---|---|---|---|---|")
         for v in folder["videos"]:
-            print(f"| {v['video']} | {v['width']}x{v['height']} | {v['duration_s']:.1f} | {v['previous_face_s']:.2f} | "
-                  f"{v['duration_s'] / v['previous_face_s']:.1f} | {v['full_search_s']:.2f} |")
+            print(f"| {v['video']} | {v['width']}x{v['height']} | {v['duration_s']:.1f} | {v['blazeface_s']:.2f} | "
+                  f"{v['duration_s'] / v['blazeface_s']:.1f} | {v['blazeface_people']} | {v['haar_s']:.2f} | "
+                  f"{v['haar_people']} |")
         print("all videos, x real time: " + ", ".join(f"{k} {x:.1f}" for k, x in folder["x_real_time"].items()),
               flush=True)
     if args.train_dir and os.path.isdir(args.train_dir):

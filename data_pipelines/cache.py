@@ -23,7 +23,7 @@ from data_pipelines.preprocessing import MediaError, Preprocessing
 from data_pipelines.samples import extract_face_crops
 from data_pipelines.sources import LabelledFile
 
-CACHE_FORMAT_VERSION = 2  # 2: videos sampled with non-reference frames skipped (other frames than 1)
+CACHE_FORMAT_VERSION = 3  # 2: videos sampled with non-reference frames skipped; 3: every person of a video
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "meso_jax", "faces")
 RECORD_FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),  # PNG, RGB, (S, S, 3)
@@ -33,7 +33,8 @@ RECORD_FEATURES = {
 
 @dataclasses.dataclass(frozen=True)
 class CachedFile:
-    """A media file whose face crops are in ``record_path`` (``num_samples`` records, in frame order)."""
+    """A media file whose face crops are in ``record_path`` (``num_samples`` records, person after person,
+    each person's in frame order; ``person_samples``: how many records each person has)."""
 
     path: str
     label: float
@@ -41,6 +42,13 @@ class CachedFile:
     record_path: str
     num_samples: int
     source_name: str = ""
+    person_samples: tuple[int, ...] = ()
+
+    def people(self) -> list[tuple[int, int]]:
+        """(first record, number of records) of each person."""
+        counts = self.person_samples or (self.num_samples,)
+        starts = np.cumsum((0,) + tuple(counts[:-1]))
+        return [(int(start), int(count)) for start, count in zip(starts, counts)]
 
 
 def cache_key(path: str, prep: Preprocessing) -> str:
@@ -102,7 +110,8 @@ def _cache_one(path: str, prep: Preprocessing, cache_dir: str) -> tuple[str, dic
 
         _write_atomically(record_path, write_records)
         manifest = {"path": path, "num_samples": len(crops.frame_indices), "frame_indices": crops.frame_indices,
-                    "frames_read": crops.frames_read, "prep": prep.to_dict()}
+                    "person_samples": np.bincount(crops.person_ids).tolist(), "frames_read": crops.frames_read,
+                    "prep": prep.to_dict()}
 
     def write_manifest(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as f:
@@ -135,7 +144,8 @@ def build_face_cache(files: list[LabelledFile], prep: Preprocessing, cache_dir: 
             skipped.append((labelled.path, manifest["error"]))
         else:
             cached.append(CachedFile(labelled.path, labelled.label, labelled.source, record_path,
-                                     int(manifest["num_samples"]), labelled.source_name))
+                                     int(manifest["num_samples"]), labelled.source_name,
+                                     tuple(manifest.get("person_samples", ()))))
     return cached, skipped, extracted
 
 

@@ -98,7 +98,8 @@ class _ImageFiles:
 
 
 class _CachedFaces:
-    """Cache source: the face crops of each file (or clips of ``clip_frames`` consecutive crops)."""
+    """Cache source: the face crops of each file (or clips of ``clip_frames`` consecutive crops of one
+    person: a clip never mixes two people of a video)."""
 
     def __init__(self, files: list[CachedFile], prep: Preprocessing, clip_frames: int | None):
         self.files = files
@@ -107,15 +108,17 @@ class _CachedFaces:
         self.element_shape = (clip_frames, size, size, 3) if clip_frames else (size, size, 3)
 
     def _count(self, cached: CachedFile) -> int:
-        return len(clip_starts(cached.num_samples, self.clip_frames)) if self.clip_frames else cached.num_samples
+        if not self.clip_frames:
+            return cached.num_samples
+        return sum(len(clip_starts(count, self.clip_frames)) for _, count in cached.people())
 
     def sample_counts(self) -> tuple[int, int]:
         real = sum(self._count(f) for f in self.files if f.label == REAL)
         fake = sum(self._count(f) for f in self.files if f.label == FAKE)
         return real, fake
 
-    def _file_samples(self, record_path, label, path, num_samples) -> tf.data.Dataset:
-        records = tf.data.TFRecordDataset(record_path).map(parse_record)
+    def _person_samples(self, record_path, label, path, first_sample, num_samples) -> tf.data.Dataset:
+        records = tf.data.TFRecordDataset(record_path).skip(first_sample).take(num_samples).map(parse_record)
         if not self.clip_frames:
             return records.map(lambda r: (r["image"], label, path))
         all_faces = records.map(lambda r: r["image"]).batch(num_samples)
@@ -123,15 +126,18 @@ class _CachedFaces:
         return clips.unbatch().map(lambda clip: (tf.ensure_shape(clip, self.element_shape), label, path))
 
     def samples(self, order: np.ndarray, shuffle_seed: int | None = None) -> tf.data.Dataset:
-        """(image(s) uint8, label, path) per cached sample; files in ``order``, mixed when shuffle_seed is given."""
-        columns = (tf.constant([self.files[i].record_path for i in order], tf.string),
-                   tf.constant([self.files[i].label for i in order], tf.float32),
-                   tf.constant([self.files[i].path for i in order], tf.string),
-                   tf.constant([self.files[i].num_samples for i in order], tf.int64))
+        """(image(s) uint8, label, path) per cached sample; files in ``order`` (each person of a file after
+        the other), mixed when shuffle_seed is given."""
+        people = [(self.files[i], first, count) for i in order for first, count in self.files[i].people()]
+        columns = (tf.constant([f.record_path for f, _, _ in people], tf.string),
+                   tf.constant([f.label for f, _, _ in people], tf.float32),
+                   tf.constant([f.path for f, _, _ in people], tf.string),
+                   tf.constant([first for _, first, _ in people], tf.int64),
+                   tf.constant([count for _, _, count in people], tf.int64))
         dataset = tf.data.Dataset.from_tensor_slices(columns)
         if shuffle_seed is None:
-            return dataset.flat_map(self._file_samples)
-        dataset = dataset.interleave(self._file_samples, cycle_length=INTERLEAVE_FILES, block_length=1,
+            return dataset.flat_map(self._person_samples)
+        dataset = dataset.interleave(self._person_samples, cycle_length=INTERLEAVE_FILES, block_length=1,
                                      num_parallel_calls=AUTOTUNE, deterministic=True)
         buffer = CLIP_SHUFFLE_BUFFER if self.clip_frames else FRAME_SHUFFLE_BUFFER
         return dataset.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)

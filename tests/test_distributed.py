@@ -72,6 +72,7 @@ def test_eight_devices_train_and_predict_like_one(tmp_path, one_device) -> None:
         np.testing.assert_allclose(eight[name], one[name], rtol=2e-4, atol=2e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_two_processes_train_evaluate_and_predict_like_one(tmp_path, one_device) -> None:
     one = dict(one_device)
     two_hosts = _run_two_processes(tmp_path)

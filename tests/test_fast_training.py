@@ -13,6 +13,8 @@ import pytest
 
 from meso_jax import fast_training, models, onednn, train
 
+pytestmark = pytest.mark.native  # the native CPU code (a C++ compiler) against the XLA reference
+
 EPSILON = models.KERAS_BN_EPSILON
 
 
@@ -71,6 +73,7 @@ def test_fused_block_matches_a_float64_reference_in_value_and_gradient(kernel_si
         assert np.max(np.abs(np.asarray(got) - want)) / scale_of < 1e-4, name
 
 
+@pytest.mark.slow
 def test_meso4_fused_blocks_train_like_the_flax_module():
     """Same logits (dropout on), running statistics and parameter gradients as the plain module."""
     spec = models.get_model("meso4")

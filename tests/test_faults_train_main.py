@@ -142,6 +142,7 @@ def _assert_ends_like_the_reference(workdir: pathlib.Path, reference: pathlib.Pa
     assert not list((workdir / "checkpoints").glob("*tmp*"))  # a save cut short leaves nothing behind
 
 
+@pytest.mark.slow
 def test_kill_9_resumes_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path, data_dir, env,
                                                                                      reference):
     skipped = (reference / "skipped_files.tsv").read_text().splitlines()
@@ -206,6 +207,7 @@ runpy.run_path("train_main.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["finalize:3", "saved:3"])
 def test_a_kill_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path, data_dir, env, reference, moment):
     # Saves: steps 2, 4, 5 (epoch 1's end, after its validation), 6, 8, 10; the 3rd is epoch 1's last.

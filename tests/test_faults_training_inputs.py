@@ -46,6 +46,7 @@ def _one_line_error(monkeypatch, capsys, data: pathlib.Path, workdir: pathlib.Pa
     return own_lines[0]
 
 
+@pytest.mark.slow
 def test_a_validation_split_of_one_class_trains_by_loss_and_resumes(tmp_path, env):
     # 42 crops with train/val folders whose val holds real faces only: validation AUC is undefined.
     _images(tmp_path / "data" / "train" / "real", 18, 1, True)
@@ -111,6 +112,7 @@ def test_data_dir_mistakes_are_one_line(tmp_path, monkeypatch, capsys, setup, ph
     _one_line_error(monkeypatch, capsys, data, tmp_path / "work", *phrases)
 
 
+@pytest.mark.slow
 def test_random_training_folders(tmp_path, env):
     rng = np.random.default_rng(2026)
     outcomes = []

@@ -11,6 +11,8 @@ import pytest
 from meso_jax import models, onednn
 from tests.conftest import random_model_variables
 
+pytestmark = pytest.mark.native  # the native CPU code (a C++ compiler) against the XLA reference
+
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 

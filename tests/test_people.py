@@ -223,3 +223,21 @@ def test_clip_models_score_each_persons_clips(tmp_path, crops_bgr):
     path = write_video(tmp_path / "two.mp4", frames)
     prepared = scan._prepare_file(path, Preprocessing(frames_per_video=6), clip_frames=4)  # pylint: disable=protected-access
     assert prepared.model_inputs.shape[:2] == (4, 4) and prepared.input_person_ids == [0, 0, 1, 1]
+
+
+def test_training_clips_from_the_face_cache_never_mix_two_people(tmp_path, crops_bgr):
+    """The video training cache keeps each person's crops apart: a clip model trains on one person's faces."""
+    from data_pipelines import cache, input_pipeline, sources
+
+    frames = [_frame_with({LEFT_X: crops_bgr["real"], RIGHT_X: crops_bgr["fake"]}, shift=i) for i in range(6)]
+    path = write_video(tmp_path / "two.mp4", frames)
+    prep = Preprocessing(frames_per_video=6)
+    (cached,), skipped, _ = cache.build_face_cache([sources.LabelledFile(path, 0.0, path)], prep,
+                                                   str(tmp_path / "cache"), workers=1, progress=False)
+    assert skipped == [] and cached.person_samples == (6, 6) and cached.people() == [(0, 6), (6, 6)]
+    crops = extract_face_crops(path, prep)
+    person_of = {crop.tobytes(): person for crop, person in zip(crops.crops_bhwc, crops.person_ids)}
+    faces = input_pipeline._CachedFaces([cached], prep, clip_frames=4)  # pylint: disable=protected-access
+    clips = [clip for clip, _, _ in faces.samples(np.array([0])).as_numpy_iterator()]
+    assert len(clips) == faces.sample_counts()[1] == 4  # two clips per person
+    assert all(len({person_of[frame.tobytes()] for frame in clip}) == 1 for clip in clips)

@@ -66,6 +66,7 @@ def test_the_default_is_the_best_shipped_network_on_its_worst_source(shared_dir)
     assert worst[default_name] >= max(worst.values()) - RUN_TO_RUN_SPREAD, worst
 
 
+@pytest.mark.slow
 def test_the_default_models_per_source_aucs_come_out_of_predict_main(shared_dir, tmp_path) -> None:
     """predict_main, exactly as a user runs it on face crops (flip averaging on, the model's threshold),
     reproduces the per-source validation AUCs recorded when the default was exported."""
@@ -106,9 +107,10 @@ def test_shipped_model_loads_with_its_metadata(name: str) -> None:
 # all 2,780 files eval_main reproduced the training-time 0.8802; ensemble_main measured the ensemble's
 # 0.9120 there). Meso-4's fast path scores the whole split.
 @pytest.mark.parametrize("name, stride, expected_auc", [("meso4", 1, None), ("meso4_dfdc", 1, None),
-                                                         ("meso4_v6", 1, None),
+                                                         pytest.param("meso4_v6", 1, None, marks=pytest.mark.slow),
                                                          ("mesoinception4", 10, 0.8414161),
-                                                         ("ensemble", 10, 0.8705036), ("meso4_pair", 1, None)])
+                                                         ("ensemble", 10, 0.8705036),
+                                                         pytest.param("meso4_pair", 1, None, marks=pytest.mark.slow)])
 def test_shipped_model_reproduces_its_validation_auc(shared_dir, name: str, stride: int,
                                                      expected_auc: float | None) -> None:
     """The checkpoint is the one its metadata (and the model card) describe: the validation AUC comes
