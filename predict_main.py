@@ -24,7 +24,7 @@ from typing import TextIO
 
 from absl import app, flags
 
-from meso_jax import cli
+from meso_jax import cli, records
 
 _PATH = flags.DEFINE_string("path", None, "Image, video or folder to scan (folders: recursively, sorted).")
 _PER_FRAME = flags.DEFINE_bool("per_frame", False, "Also output the score of every frame of a video.")
@@ -90,7 +90,7 @@ def _scan(path: str, stream: TextIO) -> int:
                                per_frame=_PER_FRAME.value, image_limit=image_limit, video_limit=video_limit,
                                workers=_SCORING.workers.value or scan.DEFAULT_WORKERS)
 
-    writer = scan.make_writer(_FORMAT.value, stream, options.per_frame, options.threshold)
+    writer = records.make_writer(_FORMAT.value, stream, options.per_frame, options.threshold)
     show_progress = _SCORING.progress.value and sys.stderr.isatty()
     if _REPORT.value is None:
         summary = detector.scan_records(path, options, writer.write, progress=show_progress)
@@ -99,7 +99,7 @@ def _scan(path: str, stream: TextIO) -> int:
 
         report = report_lib.HtmlReport(_REPORT.value, detector.scorer, options.threshold, f"Scan of {path}")
 
-        def write_and_report(record: scan.ScanRecord) -> None:
+        def write_and_report(record: records.ScanRecord) -> None:
             writer.write(record)
             report.add(record)
 

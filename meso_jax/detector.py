@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from data_pipelines.preprocessing import Preprocessing, resize_image
-from meso_jax import scan as scan_lib
+from meso_jax import records, scan as scan_lib
 from meso_jax import scoring
 
 
@@ -54,8 +54,8 @@ class Detector:
         return self.scorer.score(np.stack([resize_image(face, self.preprocessing) for face in faces]))
 
     def scan_records(self, paths: str | os.PathLike | Iterable[str], options: scan_lib.ScanOptions,
-                     on_record: Callable[[scan_lib.ScanRecord], None], face_detector: str | None = None,
-                     frames: int | None = None, progress: bool = False) -> scan_lib.ScanSummary:
+                     on_record: Callable[[records.ScanRecord], None], face_detector: str | None = None,
+                     frames: int | None = None, progress: bool = False) -> records.ScanSummary:
         """Scans files and folders (recursively, sorted, within the options' limits), calling ``on_record`` with
         each file's ScanRecord as soon as it is scored. ``face_detector`` / ``frames`` override the model's."""
         if isinstance(paths, (str, os.PathLike)):
@@ -77,13 +77,13 @@ class Detector:
             threshold=self.threshold if threshold is None else threshold, aggregate=aggregate, per_frame=per_frame,
             image_limit=ilimit if ilimit is not None else limit, video_limit=vlimit if vlimit is not None else limit,
             workers=workers or scan_lib.DEFAULT_WORKERS)
-        records: queue.Queue = queue.Queue(maxsize=_QUEUED_RECORDS)
+        record_queue: queue.Queue = queue.Queue(maxsize=_QUEUED_RECORDS)
         stop = threading.Event()
 
         def put(item) -> None:
             while True:
                 try:
-                    records.put(item, timeout=0.1)
+                    record_queue.put(item, timeout=0.1)
                     return
                 except queue.Full:
                     if stop.is_set():
@@ -105,7 +105,7 @@ class Detector:
         thread = threading.Thread(target=run, name="meso_jax-scan", daemon=True)
         thread.start()
         try:
-            while (item := records.get()) is not _END:
+            while (item := record_queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item

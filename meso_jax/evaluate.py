@@ -17,7 +17,7 @@ import numpy as np
 
 from data_pipelines import sources
 from data_pipelines.preprocessing import Preprocessing
-from meso_jax import metrics, scan, scoring
+from meso_jax import metrics, records, scan, scoring
 
 LABEL_WORDS = {1: "real", 0: "fake"}
 
@@ -30,7 +30,7 @@ class EvaluationError(Exception):
 class LabelledRecord:
     """A scan record with the file's true label (1 real, 0 fake)."""
 
-    record: scan.ScanRecord
+    record: records.ScanRecord
     label: int
 
 
@@ -145,10 +145,10 @@ def evaluate(data_dir: str, files: list[tuple[str, int]], scorer: scoring.Scorer
         options = dataclasses.replace(options, keep_faces=True)
     with open(os.path.join(output_dir, "scores.csv"), "w", encoding="utf-8", errors="backslashreplace",
               newline="") as scores_file:
-        writer = scan.CsvRecordWriter(scores_file, per_frame=True,
+        writer = records.CsvRecordWriter(scores_file, per_frame=True,
                                       true_labels={path: LABEL_WORDS[label] for path, label in files})
 
-        def collect(record: scan.ScanRecord) -> None:
+        def collect(record: records.ScanRecord) -> None:
             writer.write(record)
             label = labels_by_path[record.path]
             labelled_records.append(LabelledRecord(record, label))

@@ -22,7 +22,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from meso_jax import saliency, scan, scoring
+from meso_jax import records, saliency, scoring
 
 THUMBNAIL_SIDE = 128
 JPEG_QUALITY = 85
@@ -45,8 +45,8 @@ class _Entry:
     """What the page needs of one file (the crops themselves are already written as thumbnails)."""
 
     index: int
-    record: scan.ScanRecord
-    thumbnails: list[tuple[scan.ShownFace, str, str | None]]  # face, its image, its heatmap overlay
+    record: records.ScanRecord
+    thumbnails: list[tuple[records.ShownFace, str, str | None]]  # face, its image, its heatmap overlay
     true_label: str | None = None
 
 
@@ -66,7 +66,7 @@ class HtmlReport:
         self.entries: list[_Entry] = []
         self.evaluation_html = ""
 
-    def add(self, record: scan.ScanRecord, true_label: str | None = None) -> None:
+    def add(self, record: records.ScanRecord, true_label: str | None = None) -> None:
         """Adds one file: writes its faces' thumbnails (and heatmaps) and keeps what the page shows."""
         index = len(self.entries)
         shown = record.shown_faces
@@ -143,14 +143,14 @@ class HtmlReport:
             record = entry.record
             truth = f"<td>{html.escape(entry.true_label or '')}</td>" if with_truth else ""
             parts.append(f"<tr class=row><td class=num>{rank}</td><td><a href='#f{entry.index}'>"
-                         f"{html.escape(scan.printable_path(record.path))}</a></td>{truth}"
+                         f"{html.escape(records.printable_path(record.path))}</a></td>{truth}"
                          f"<td class={record.label}>{record.label}</td><td class=num>{record.score:.4f}</td>"
                          f"<td>{html.escape(record.certainty)}</td><td class=num>{len(record.people)}</td>"
                          f"<td class=num>{record.faces}/{record.frames}</td></tr>")
         parts.append("</table>")
         if failed:
             parts.append(f"<h2>Not scored ({len(failed)})</h2><table><tr><th>file</th><th>reason</th></tr>")
-            parts += [f"<tr class=row-error><td>{html.escape(scan.printable_path(e.record.path))}</td>"
+            parts += [f"<tr class=row-error><td>{html.escape(records.printable_path(e.record.path))}</td>"
                       f"<td class=error>{html.escape(e.record.error)}</td></tr>" for e in failed]
             parts.append("</table>")
         parts += [self._file_section(entry) for entry in scored]
@@ -163,7 +163,7 @@ class HtmlReport:
     def _face_figures(self, entry: _Entry, link: bool = False) -> str:
         figures = []
         for face, face_name, heat_name in entry.thumbnails:
-            label = scan.verdict(face.score, self.threshold)
+            label = records.verdict(face.score, self.threshold)
             who = f"person #{face.person + 1}, " if len(entry.record.people) > 1 else ""
             where = f"frame {face.frame}, " if entry.record.kind == "video" else ""
             name = os.path.basename(entry.record.path)
@@ -184,7 +184,7 @@ class HtmlReport:
             f"({person.box[2]}&times;{person.box[3]} px)</li>" for rank, person in enumerate(record.people))
         chart = _frame_chart_svg(record, self.threshold) if record.kind == "video" else ""
         truth = f" (truth: {html.escape(entry.true_label)})" if entry.true_label else ""
-        return (f"<section class=file id='f{entry.index}'><h3>{html.escape(scan.printable_path(record.path))}</h3>"
+        return (f"<section class=file id='f{entry.index}'><h3>{html.escape(records.printable_path(record.path))}</h3>"
                 f"<p><span class={record.label}>{record.label}</span> {record.score:.4f} ({html.escape(record.certainty)})"
                 f"{truth}; {record.kind}, {_count(record.faces, 'face')} scored of {_count(record.frames, 'frame')}."
                 f"{' The most fake person decides.' if len(record.people) > 1 else ''}</p><ul>{people}</ul>"
@@ -196,7 +196,7 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
-def _frame_chart_svg(record: scan.ScanRecord, threshold: float, width: int = 560, height: int = 150) -> str:
+def _frame_chart_svg(record: records.ScanRecord, threshold: float, width: int = 560, height: int = 150) -> str:
     """Each person's face scores over the frames (one line each), the threshold dashed."""
     left, right, top, bottom = 34, 8, 8, 22
     last_frame = max(record.frame_indices) if record.frame_indices else 1

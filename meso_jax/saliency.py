@@ -68,8 +68,12 @@ def saliency_maps(scorer: scoring.Scorer, faces_bhwc: np.ndarray, samples: int =
     if len(faces_bhwc) == 0:
         return np.zeros((0,) + tuple(scorer.input_shape[:2]), np.float32)
     function = _smoothgrad_function(scorer.spec.module, scorer.flip_average, samples, noise_std)
-    inputs = jnp.asarray(as_model_input(np.asarray(faces_bhwc)))
-    raw = np.asarray(function(scorer.variables, inputs, jax.random.PRNGKey(seed)), dtype=np.float32)
+    inputs = as_model_input(np.asarray(faces_bhwc))
+    key = jax.random.PRNGKey(seed)
+    # One face per call: a CPU computes a batch no faster per face, and one input shape means one trace
+    # and one compilation per process, however many faces each file shows.
+    raw = [np.asarray(function(scorer.variables, jnp.asarray(face[None]), key), dtype=np.float32)[0]
+           for face in inputs]
     maps = []
     for heat in raw:
         sigma = max(1.0, heat.shape[0] * BLUR_SIGMA_FRACTION)

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 
 from data_pipelines.preprocessing import Preprocessing
-from meso_jax import checkpoints, evaluate, scan
+from meso_jax import checkpoints, evaluate, records
 from conftest import random_model_variables
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _record(path: str, kind: str, frame_scores: list[float] | None, error: str | None = None) -> scan.ScanRecord:
+def _record(path: str, kind: str, frame_scores: list[float] | None, error: str | None = None) -> records.ScanRecord:
     if error is not None:
-        return scan.ScanRecord(path, kind, error=error)
+        return records.ScanRecord(path, kind, error=error)
     score = float(np.mean(frame_scores))
-    return scan.ScanRecord(path, kind, score, scan.verdict(score, 0.5), scan.certainty(score, 0.5),
+    return records.ScanRecord(path, kind, score, records.verdict(score, 0.5), records.certainty(score, 0.5),
                            len(frame_scores), len(frame_scores), None, list(range(len(frame_scores))), frame_scores)
 
 

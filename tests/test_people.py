@@ -15,7 +15,7 @@ import pytest
 from data_pipelines import faces, people
 from data_pipelines.preprocessing import Preprocessing
 from data_pipelines.samples import extract_face_crops
-from meso_jax import scan, scoring
+from meso_jax import records, scan, scoring
 from tests.conftest import write_video
 
 FRAME_HW = (360, 640)
@@ -48,7 +48,7 @@ def detector():
     return load_detector()
 
 
-def _scan_one(detector, path, per_frame: bool = False) -> scan.ScanRecord:
+def _scan_one(detector, path, per_frame: bool = False) -> records.ScanRecord:
     records = []
     options = scan.ScanOptions(threshold=detector.threshold, per_frame=per_frame, workers=1)
     detector.scan_records(str(path), options, records.append)
@@ -174,13 +174,13 @@ def test_two_people_one_fake_the_fake_decides_in_every_format(tmp_path, crops_bg
     assert {entry["person"] for entry in as_json["frame_scores"]} == {1, 2}
 
     stream = io.StringIO()
-    scan.CsvRecordWriter(stream, per_frame=True).write(record)
+    records.CsvRecordWriter(stream, per_frame=True).write(record)
     (row,) = list(csv.DictReader(io.StringIO(stream.getvalue())))
     assert row["people"] == "2" and row["box"] == " ".join(map(str, fake_person.box))
     assert row["frame_scores"].split(";")[0].count(":") == 2  # frame:person:score
 
     stream = io.StringIO()
-    scan.TextRecordWriter(stream, per_frame=False, threshold=detector.threshold).write(record)
+    records.TextRecordWriter(stream, per_frame=False, threshold=detector.threshold).write(record)
     line = stream.getvalue().splitlines()[1]
     assert f"2 people: #1 fake {fake_person.score:.2f} (10 frames), #2 real {real_person.score:.2f} (10 frames)" in line
 

@@ -17,7 +17,7 @@ import scipy.stats
 
 from data_pipelines.preprocessing import Preprocessing, resize_image
 from data_pipelines.synthesize import self_blend_with_mask
-from meso_jax import checkpoints, report, saliency, scan, scoring
+from meso_jax import checkpoints, records, report, saliency, scan, scoring
 from tests.conftest import REPO_ROOT, random_model_variables, write_video
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -30,7 +30,7 @@ def _scorer(variables: dict | None = None, flip_average: bool = True) -> scoring
 
 
 @pytest.fixture(scope="module")
-def small_scan(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path, list[scan.ScanRecord]]:
+def small_scan(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path, list[records.ScanRecord]]:
     """A folder of 3 noise images, a 6-frame video and a broken file, scanned into a report by a random
     model (no face detector): (folder, report path, records)."""
     root = tmp_path_factory.mktemp("report")

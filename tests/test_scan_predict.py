@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.preprocessing import Preprocessing, media_kind
-from meso_jax import checkpoints, models, scan, scoring
+from meso_jax import checkpoints, models, records, scan, scoring
 from conftest import png_declaring, random_model_variables
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -103,8 +103,8 @@ def hostile_dir(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-def _scan(path, scorer, **option_values) -> list[scan.ScanRecord]:
-    records: list[scan.ScanRecord] = []
+def _scan(path, scorer, **option_values) -> list[records.ScanRecord]:
+    records: list[records.ScanRecord] = []
     options = scan.ScanOptions(**option_values)
     summary = scan.scan_files(scan.select_media(str(path), options.image_limit, options.video_limit), scorer,
                               TEST_PREPROCESSING, options, records.append)
@@ -229,15 +229,15 @@ def test_flip_average_mirrors_clips_along_their_width():
     (0.96, 0.8, "very confident"), (0.6, 0.8, "fairly confident"), (0.7, 0.8, "uncertain"),
 ])
 def test_certainty_bands(score, threshold, expected):
-    assert scan.certainty(score, threshold) == expected
+    assert records.certainty(score, threshold) == expected
 
 
 def test_writers():
-    good = scan.ScanRecord("dir/clip.mp4", "video", 0.8123, "real", "confident", 8, 7, None, [0, 5], [0.7, 0.9],
-                           [scan.PersonResult(0.8123, "real", 2, (10, 20, 30, 40))], [0, 0])
-    bad = scan.ScanRecord("dir/x.jpg", "image", error="truncated JPEG")
+    good = records.ScanRecord("dir/clip.mp4", "video", 0.8123, "real", "confident", 8, 7, None, [0, 5], [0.7, 0.9],
+                           [records.PersonResult(0.8123, "real", 2, (10, 20, 30, 40))], [0, 0])
+    bad = records.ScanRecord("dir/x.jpg", "image", error="truncated JPEG")
     text = io.StringIO()
-    writer = scan.make_writer("text", text, per_frame=False, threshold=0.5)
+    writer = records.make_writer("text", text, per_frame=False, threshold=0.5)
     writer.write(good)
     writer.write(bad)
     header, good_line, bad_line = text.getvalue().splitlines()
@@ -246,12 +246,12 @@ def test_writers():
     assert "error" in bad_line and "(truncated JPEG)" in bad_line
 
     text = io.StringIO()  # a newline in a file name stays on the record's line, escaped
-    writer = scan.make_writer("text", text, per_frame=False, threshold=0.5)
-    writer.write(scan.ScanRecord("dir/a\nb.jpg", "image", error="empty file"))
+    writer = records.make_writer("text", text, per_frame=False, threshold=0.5)
+    writer.write(records.ScanRecord("dir/a\nb.jpg", "image", error="empty file"))
     assert text.getvalue().splitlines()[1].endswith("dir/a\\nb.jpg  (empty file)")
 
     lines = io.StringIO()
-    writer = scan.make_writer("json", lines, per_frame=True, threshold=0.5)
+    writer = records.make_writer("json", lines, per_frame=True, threshold=0.5)
     writer.write(good)
     writer.write(bad)
     first, second = (json.loads(line) for line in lines.getvalue().splitlines())
@@ -261,7 +261,7 @@ def test_writers():
                       "frames": 0, "faces": 0, "people": [], "error": "truncated JPEG", "frame_scores": []}
 
     table = io.StringIO()
-    writer = scan.make_writer("csv", table, per_frame=True, threshold=0.5)
+    writer = records.make_writer("csv", table, per_frame=True, threshold=0.5)
     writer.write(good)
     writer.write(bad)
     rows = list(csv.DictReader(io.StringIO(table.getvalue())))
