@@ -41,16 +41,16 @@ def evaluate(model: str, set_name: str, output_dir: str) -> dict:
 
 
 def row(model: str, reports: dict) -> dict:
-    """The table's numbers for one model."""
-    ffpp = reports["ffpp_val"]
+    """The table's numbers for one model (None for a set not evaluated)."""
+    dfdc, ffpp, videos = (reports.get(name) for name in ("dfdc_val", "ffpp_val", "dev_videos"))
     return {
         "model": model,
-        "dfdc_val_auc": reports["dfdc_val"]["frame_level"]["auc"],
-        "ffpp_val_auc": ffpp["frame_level"]["auc"],
-        **{f"ffpp_{method}_auc": ffpp["by_method"][method]["frames"]["auc"] for method in METHODS},
-        "dev_videos_video_auc": reports["dev_videos"]["video_level"]["auc"],
-        "dev_videos_frame_auc": reports["dev_videos"]["frame_level"]["auc"],
-        "threshold": reports["dfdc_val"]["threshold"],
+        "dfdc_val_auc": dfdc and dfdc["frame_level"]["auc"],
+        "ffpp_val_auc": ffpp and ffpp["frame_level"]["auc"],
+        **{f"ffpp_{method}_auc": ffpp and ffpp["by_method"][method]["frames"]["auc"] for method in METHODS},
+        "dev_videos_video_auc": videos and videos["video_level"]["auc"],
+        "dev_videos_frame_auc": videos and videos["frame_level"]["auc"],
+        "threshold": next(report["threshold"] for report in reports.values()),
     }
 
 
@@ -61,7 +61,8 @@ def markdown(rows: list[dict]) -> str:
     for item in rows:
         numbers = [item["dfdc_val_auc"], item["ffpp_val_auc"], *(item[f"ffpp_{m}_auc"] for m in METHODS),
                    item["dev_videos_video_auc"], item["dev_videos_frame_auc"], item["threshold"]]
-        lines.append(f"| {item['model']} | " + " | ".join(f"{value:.3f}" for value in numbers) + " |")
+        lines.append(f"| {item['model']} | " + " | ".join("–" if value is None else f"{value:.3f}" for value in numbers)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -69,11 +70,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", required=True, help="comma-separated checkpoint folders or keras:FILE.h5")
     parser.add_argument("--output", help="JSON file for the rows (and eval_main's reports)")
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
     args = parser.parse_args()
+    sets = args.sets.split(",")
+    if not set(sets) <= set(SETS):
+        parser.error(f"--sets: choose from {', '.join(SETS)}")
     rows, everything = [], {}
     with tempfile.TemporaryDirectory() as temporary:
         for model in args.models.split(","):
-            reports = {name: evaluate(model, name, os.path.join(temporary, f"{len(rows)}_{name}")) for name in SETS}
+            reports = {name: evaluate(model, name, os.path.join(temporary, f"{len(rows)}_{name}")) for name in sets}
             rows.append(row(model, reports))
             everything[model] = reports
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
