@@ -8,12 +8,14 @@ metrics.jsonl and TensorBoard events go to --workdir; running the same command a
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
 
 from data_pipelines.augment import AUGMENTATIONS
 from data_pipelines.faces import FACE_DETECTORS
+from meso_jax.engine import ENGINES, ENVIRONMENT_VARIABLE as ENGINE_VARIABLE
 
 
 flags.DEFINE_enum("dataset", "image", ["image", "video"], "Train on images or on faces sampled from videos.")
@@ -68,6 +70,10 @@ flags.DEFINE_integer("checkpoint_every_steps", 500, "Save a checkpoint every N s
 flags.DEFINE_integer("keep_checkpoints", 3, "How many of the latest checkpoints to keep (the best is kept too).")
 flags.DEFINE_string("export_checkpoint", None, "After training, export the best model to this new directory.")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+flags.DEFINE_enum("engine", os.environ.get(ENGINE_VARIABLE, "auto"), list(ENGINES),
+                  "Implementation of the models: xla (the plain Flax modules), native (the CPU's fused blocks, "
+                  "native kernels and oneDNN convolutions; an error where they cannot run), auto (native where "
+                  f"it runs). Default from ${ENGINE_VARIABLE} when set.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -91,13 +97,18 @@ def main(argv: list[str]) -> int:
     from meso_jax import host_memory
     host_memory.reuse_freed_memory()  # before the first large allocation
     # After flag parsing, so --help stays fast.
-    from meso_jax import checkpoints, scoring, train
+    from meso_jax import checkpoints, engine, scoring, train
     from meso_jax.keras_import import KerasWeightsError
     from data_pipelines.preprocessing import MediaError, Preprocessing
 
     scoring.enable_compilation_cache()  # a resumed or repeated run skips the XLA compile
 
     train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        engine.select(FLAGS.engine)
+    except engine.EngineUnavailable as error:
+        print(f"train_main: error: {error}", file=sys.stderr, flush=True)
+        return 2
     try:
         preprocessing = Preprocessing(resize=FLAGS.resize, face_detector=FLAGS.face_detector,
                                       frames_per_video=FLAGS.frames_per_video)

@@ -34,7 +34,15 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()),
         "python": platform.python_version(),
+        "engine": _engine_description(),
     }
+
+
+def _engine_description() -> str:
+    """The model engine the run uses (meso_jax.engine: auto unless the script selects another)."""
+    from meso_jax import engine  # pylint: disable=import-outside-toplevel
+
+    return engine.describe()
 
 
 def other_busy_processes(limit: int = 5) -> list[str]:

@@ -36,7 +36,7 @@ def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels
     import jax
     import tensorflow as tf
 
-    from meso_jax import fast_inference, onednn
+    from meso_jax import engine, fast_inference, onednn
 
     rng = np.random.default_rng(size)
     images = rng.random((batch, size, size, in_channels), dtype=np.float32)
@@ -46,7 +46,7 @@ def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels
     phased = jax.jit(lambda x: fast_inference._phased_block(x, kernel, bias, scale, shift, pool))
 
     def conv_block(use_onednn: bool):
-        with onednn.forced(use_onednn):  # compiled now, from a fresh function (JAX reuses traces)
+        with engine.selecting("native" if use_onednn else "xla"):  # compiled now, from a fresh function (JAX reuses traces)
             return jax.jit(lambda x: fast_inference._conv_block(x, kernel, bias, scale, shift, pool)).lower(
                 images_jax).compile()
 

@@ -63,12 +63,12 @@ def flax_contenders(variables: dict, batches: list[int], train_batch: int):
     compiled with XLA's convolutions and, where meso_jax.onednn is available, with oneDNN's."""
     import jax
     import optax
-    from meso_jax import fast_inference, models, onednn
+    from meso_jax import engine, fast_inference, models, onednn
 
     backends = {"": False, **({"_onednn": True} if onednn.available() else {})}
 
     def compiled(fn, use_onednn: bool, *args):
-        with onednn.forced(use_onednn):  # a fresh function: JAX would reuse an earlier trace of ``fn``
+        with engine.selecting("native" if use_onednn else "xla"):  # a fresh function: JAX would reuse an earlier trace of ``fn``
             return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
     module = models.get_model("meso4").module

@@ -2,11 +2,10 @@
 
     python3 benchmarks/scan_end_to_end.py [--images=2048] [--rounds=1] [--output=FILE.json]
 
-* predict_main.py on N face crops (--face_detector=none, Meso4_DF.h5 weights), fast path (default),
-  the same with XLA's convolutions instead of oneDNN's (MESO_JAX_ONEDNN=0) and plain Flax
-  (MESO_JAX_FAST_INFERENCE=0), vs benchmarks/keras_scanner.py doing the same work with the same
-  decoder in Keras/TensorFlow; with --shipped_models also the two shipped checkpoints, each with
-  oneDNN's and XLA's convolutions. Runs alternate, and the scores are compared. predict_main runs with
+* predict_main.py on N face crops (--face_detector=none, Meso4_DF.h5 weights) with the default engine
+  (native on a CPU where it builds) and with --engine=xla (the plain Flax modules), vs
+  benchmarks/keras_scanner.py doing the same work with the same decoder in Keras/TensorFlow; with
+  --shipped_models also the two shipped checkpoints, each with both engines. Runs alternate, and the scores are compared. predict_main runs with
   --noflip_average: each face once, the same work as the Keras scanner (its default scores each face and
   its mirror image: twice the model's work).
 * predict_main.py on one image: with cold JAX caches (fresh XDG_CACHE_HOME) and warm (median of 3),
@@ -77,23 +76,21 @@ def main() -> None:
                "--noflip_average"]
     contenders = {
         "predict_main_fast": (predict + [f"--output={tmp}/fast.csv"], {}, tmp / "fast.csv"),
-        "predict_main_fast_xla_conv": (predict + [f"--output={tmp}/fast_xla.csv"], {"MESO_JAX_ONEDNN": "0"},
-                                       tmp / "fast_xla.csv"),
         "keras_scanner": ([py, "benchmarks/keras_scanner.py", f"--path={args.image_dir}", f"--limit={args.images}",
                            f"--weights={args.weights}", f"--output={tmp}/keras.csv"], {}, tmp / "keras.csv"),
     }
     if not args.skip_plain:
-        contenders["predict_main_plain"] = (predict + [f"--output={tmp}/plain.csv"],
-                                            {"MESO_JAX_FAST_INFERENCE": "0"}, tmp / "plain.csv")
-    shipped = {}  # checkpoint contenders, compared with their own XLA-convolution run
+        contenders["predict_main_plain"] = (predict + [f"--output={tmp}/plain.csv", "--engine=xla"], {},
+                                            tmp / "plain.csv")
+    shipped = {}  # checkpoint contenders, compared with their own plain-Flax run
     if args.shipped_models:
         for model in ("mesoinception4", "meso4"):
             cmd = [arg for arg in predict if not arg.startswith("--keras_weights")] + [
                 f"--checkpoint={REPO_ROOT / 'checkpoints' / model}"]
-            for suffix, env in (("", {}), ("_xla_conv", {"MESO_JAX_ONEDNN": "0"})):
+            for suffix, engine_flags in (("", []), ("_xla", ["--engine=xla"])):
                 name = f"shipped_{model}{suffix}"
-                contenders[name] = (cmd + [f"--output={tmp}/{name}.csv"], env, tmp / f"{name}.csv")
-                shipped[name] = f"shipped_{model}_xla_conv"
+                contenders[name] = (cmd + [f"--output={tmp}/{name}.csv", *engine_flags], {}, tmp / f"{name}.csv")
+                shipped[name] = f"shipped_{model}_xla"
     # Warm the persistent JAX compilation caches once (as any second scan of a user would find them).
     for name, (cmd, env, _) in contenders.items():
         if name != "keras_scanner":

@@ -13,6 +13,7 @@ import cv2
 from absl import flags, logging
 
 from data_pipelines.faces import FACE_DETECTORS
+from meso_jax import engine as engine_lib
 from meso_jax import host_memory
 
 
@@ -34,6 +35,7 @@ class ScoringFlags:
     flip_average: flags.FlagHolder
     workers: flags.FlagHolder
     progress: flags.FlagHolder
+    engine: flags.FlagHolder
 
 
 def define_scoring_flags() -> ScoringFlags:
@@ -62,6 +64,11 @@ def define_scoring_flags() -> ScoringFlags:
                                      "Threads decoding files and finding faces; default: CPU count, max 8.",
                                      lower_bound=1),
         progress=flags.DEFINE_bool("progress", True, "Show a progress bar on standard error (only on a terminal)."),
+        engine=flags.DEFINE_enum("engine", os.environ.get(engine_lib.ENVIRONMENT_VARIABLE, "auto"),
+                                 list(engine_lib.ENGINES),
+                                 "Implementation of the models: xla (the plain Flax modules), native (the CPU's fused "
+                                 "paths, native kernels and oneDNN; an error where they cannot run), auto (native "
+                                 f"where it runs). Default from ${engine_lib.ENVIRONMENT_VARIABLE} when set."),
     )
 
 
@@ -85,6 +92,11 @@ def load_scanner(scoring_flags: ScoringFlags):
     from meso_jax import scan, scoring  # pylint: disable=import-outside-toplevel  (slow imports, after parsing)
 
     scoring.enable_compilation_cache()
+    try:
+        engine_lib.select(scoring_flags.engine.value)
+    except engine_lib.EngineUnavailable as error:
+        raise UsageError(str(error)) from None
+    logging.info("engine %s", engine_lib.describe())
     try:
         return scan.load_scanner(scoring_flags.checkpoint.value, scoring_flags.keras_weights.value,
                                  scoring_flags.face_detector.value, scoring_flags.frames.value,

@@ -29,7 +29,6 @@ formulation is slow; training uses fast_training's fused block, which has its ow
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import jax
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import preprocessing
-from meso_jax import fast_training, models, onednn
+from meso_jax import engine, fast_training, models, onednn
 
 # Max-pool size of each Meso-4 block; kernel sizes and channels come from the variables.
 MESO4_POOLS = (2, 2, 2, 4)
@@ -162,8 +161,8 @@ def _ensemble_members(model_name: str) -> tuple[str, ...] | None:
 
 
 def enabled() -> bool:
-    """Use this path wherever it supports the model, unless the environment sets MESO_JAX_FAST_INFERENCE=0."""
-    return os.environ.get("MESO_JAX_FAST_INFERENCE", "1") != "0"
+    """Use this path wherever it supports the model, unless the engine is xla (meso_jax.engine)."""
+    return engine.native()
 
 
 def supports(model_name: str, input_shape: tuple[int, ...]) -> bool:

@@ -32,20 +32,19 @@ and so is their backward up to the convolution's (d(loss)/dz and the bias gradie
 Results equal the Flax ConvBlock's (models.ConvBlock) in float32 (tests against the Flax module and a
 float64 reference). Measured in benchmarks/model_throughput.py ("training" rows); used by train.py on CPU
 for Meso-4's first block, and for its later blocks too where oneDNN computes the convolutions
-(``MESO_JAX_FAST_TRAINING=0`` turns it off).
+(``--engine=xla`` turns it off: meso_jax.engine).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meso_jax import onednn
+from meso_jax import engine, onednn
 
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -339,5 +338,6 @@ def conv_relu_bn_pool_train(inputs: jax.Array | Normalized, kernel: jax.Array, b
 
 
 def enabled() -> bool:
-    """Use the fused block in training: on CPU (where it is faster), unless MESO_JAX_FAST_TRAINING=0."""
-    return os.environ.get("MESO_JAX_FAST_TRAINING", "1") != "0" and jax.default_backend() == "cpu"
+    """Use the fused block in training: on CPU (where it is faster), unless the engine is xla
+    (meso_jax.engine)."""
+    return engine.native() and jax.default_backend() == "cpu"

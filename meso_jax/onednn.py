@@ -13,14 +13,13 @@ training (``first_block.cc``) and the later blocks' ReLU, statistics and pooling
 convolution and its gradient (``pool_select.cc``). It is compiled for the CPU it runs on
 (``-march=native``; the cache is kept per CPU).
 
-Optional: when the library or a C++ compiler is missing, or the build fails, a one-line message says
-why and XLA's convolution is used (same results to float32 rounding). ``MESO_JAX_ONEDNN=0`` turns it
-off. Only a single CPU device uses it.
+Optional: when the library or a C++ compiler is missing, or the build fails, one info line says why
+and XLA's convolution is used (same results to float32 rounding). The engine switch
+(meso_jax.engine, ``--engine=xla``) turns it off. Only a single CPU device uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -29,16 +28,15 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from meso_jax import engine
 from meso_jax.user_cache import cache_root
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_conv.cc", "first_block.cc", "pool_select.cc"))
@@ -133,46 +131,33 @@ def _load() -> None:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the library builds and loads here (tried once; logs the reason when it does not: a
-    warning on Linux x86-64, where requirements.txt installs oneDNN, else at info level)."""
+def unavailable_reason() -> str | None:
+    """Why the library cannot be built or loaded here (tried once), None when it can."""
     try:
         _load()
     except BackendUnavailable as reason:
-        supported = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
-        logging.log(logging.WARNING if supported else logging.INFO,
-                    "oneDNN convolutions unavailable (%s); using XLA's, which is slower on a CPU", reason)
-        return False
-    return True
+        return str(reason)
+    return None
 
 
-_forced: bool | None = None
+@functools.cache
+def available() -> bool:
+    """Whether the library builds and loads here (tried once; when it does not, one info line says why
+    and XLA's convolutions are used)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        logging.info("oneDNN convolutions unavailable (%s); using XLA's, which is slower on a CPU", reason)
+    return reason is None
 
 
 def enabled() -> bool:
-    """Whether convolutions traced now go through oneDNN: on the CPU backend with one device when
-    ``available()``, unless MESO_JAX_ONEDNN=0 (or as ``forced`` says). With several devices XLA would
-    gather a sharded batch onto every device before the call (it cannot split a custom call), so
-    XLA's convolution is used there."""
+    """Whether convolutions traced now go through oneDNN: on the CPU backend with one device when the
+    engine allows the native paths (meso_jax.engine) and ``available()``. With several devices XLA would
+    gather a sharded batch onto every device before the call (it cannot split a custom call), so XLA's
+    convolution is used there."""
     if jax.default_backend() != "cpu" or jax.device_count() > 1:
         return False
-    if _forced is not None:
-        return _forced and available()
-    return os.environ.get("MESO_JAX_ONEDNN", "1") != "0" and available()
-
-
-@contextlib.contextmanager
-def forced(use_onednn: bool) -> Iterator[None]:
-    """Within the block, functions traced use oneDNN's convolutions (if available) or XLA's, whatever
-    the environment says; for side-by-side comparisons in tests and benchmarks. JAX reuses the trace of
-    a function it has traced before, whatever the choice then, so trace a fresh one inside (e.g.
-    ``jax.jit(lambda *a: f(*a)).lower(...).compile()``)."""
-    global _forced  # pylint: disable=global-statement
-    previous, _forced = _forced, use_onednn
-    try:
-        yield
-    finally:
-        _forced = previous
+    return engine.native() and available()
 
 
 @jax.custom_jvp
@@ -318,4 +303,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **arguments)
 
 
-__all__ = ["BackendUnavailable", "available", "conv2d_same", "conv_general_dilated", "enabled", "forced"]
+__all__ = ["BackendUnavailable", "available", "conv2d_same", "conv_general_dilated", "enabled", "unavailable_reason"]

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines.faces import FaceDetectorUnavailable
 from data_pipelines.preprocessing import as_model_input
 from data_pipelines.samples import face_detector
-from meso_jax import checkpoints, fast_inference, fast_training, keras_import, metrics, models, onednn
+from meso_jax import checkpoints, engine, fast_inference, fast_training, keras_import, metrics, models, onednn
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
 INPUT_PIPELINES = ("tfdata", "memory")
@@ -654,7 +654,8 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, steps_per_epoch: int, r
     spec = models.get_model(config.model)
     parallel = DataParallel.create()
     parallel.check_batch_size(config.batch_size)
-    log(f"devices: {parallel.device_count} ({jax.devices()[0].platform}), hosts: {jax.process_count()}")
+    log(f"devices: {parallel.device_count} ({jax.devices()[0].platform}), hosts: {jax.process_count()}; "
+        f"engine {engine.describe()}")
 
     if steps_per_epoch < 1:
         raise TrainingError(f"the training split has fewer examples than one batch of {config.batch_size}")

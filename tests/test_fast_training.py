@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meso_jax import fast_training, models, onednn, train
+from meso_jax import engine, fast_training, models, onednn, train
 
 pytestmark = pytest.mark.native  # the native CPU code (a C++ compiler) against the XLA reference
 
@@ -105,13 +105,13 @@ def test_meso4_fused_blocks_train_like_the_flax_module():
                                       spec.module.apply(variables, images[:1], train=False))
 
 
-def test_training_uses_the_fused_block_on_cpu_unless_turned_off(monkeypatch):
+def test_training_uses_the_fused_block_on_cpu_unless_turned_off():
     spec = models.get_model("meso4")
     assert train.training_module(spec).fused_first_block == (jax.default_backend() == "cpu")
     assert train.training_module(spec).fused_later_blocks == (jax.default_backend() == "cpu" and onednn.enabled())
-    monkeypatch.setenv("MESO_JAX_FAST_TRAINING", "0")
-    assert not train.training_module(spec).fused_first_block
-    assert not train.training_module(spec).fused_later_blocks
+    with engine.selecting("xla"):
+        assert not train.training_module(spec).fused_first_block
+        assert not train.training_module(spec).fused_later_blocks
     assert train.training_module(models.get_model("mesoinception4")) == models.get_model("mesoinception4").module
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meso_jax import models, onednn
+from meso_jax import engine, models, onednn
 from tests.conftest import random_model_variables
 
 pytestmark = pytest.mark.native  # the native CPU code (a C++ compiler) against the XLA reference
@@ -29,7 +29,7 @@ def backend() -> None:
 
 
 def _compiled(fn, use_onednn: bool, *args):
-    with onednn.forced(use_onednn):
+    with engine.selecting("native" if use_onednn else "xla"):
         return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
 
@@ -155,7 +155,7 @@ def test_calls_it_does_not_compute_go_to_xla(backend, call):
     x = np.ones((1, 8, 8, 2), np.float32)
     kernel = np.ones((3, 3, 2, 2), np.float32)
     fn = lambda x, kernel: onednn.conv_general_dilated(x, kernel, dimension_numbers=_DIMENSIONS, **call)  # noqa
-    with onednn.forced(True):
+    with engine.selecting("native"):
         text = jax.jit(fn).lower(x, kernel).as_text()
     assert "custom_call" not in text and "convolution" in text
     np.testing.assert_array_equal(np.asarray(jax.jit(fn)(x, kernel)),
@@ -200,12 +200,13 @@ def test_a_missing_library_package_is_named():
         onednn._distribution_file("no-such-onednn-package", "lib/libdnnl.so")
 
 
-def test_without_the_backend_convolutions_go_to_xla_with_one_warning(monkeypatch, caplog):
+def test_without_the_backend_convolutions_go_to_xla_with_one_info_line_and_native_is_refused(monkeypatch, caplog):
     def unavailable():
         raise onednn.BackendUnavailable("the onednn-cpu-gomp package is not installed")
 
     monkeypatch.setattr(onednn, "_load", unavailable)
     onednn.available.cache_clear()
+    onednn.unavailable_reason.cache_clear()
     try:
         x, kernel = np.ones((1, 8, 8, 2), np.float32), np.ones((3, 3, 2, 4), np.float32)
         conv = lambda x, kernel: onednn.conv_general_dilated(x, kernel, (1, 1), "SAME",  # noqa: E731
@@ -214,8 +215,26 @@ def test_without_the_backend_convolutions_go_to_xla_with_one_warning(monkeypatch
             text = jax.jit(conv).lower(x, kernel).as_text()
             assert not onednn.available() and not onednn.enabled()
         assert "custom_call" not in text and "convolution" in text
-        messages = [record.getMessage() for record in caplog.records if "oneDNN" in record.getMessage()]
-        assert messages == ["oneDNN convolutions unavailable (the onednn-cpu-gomp package is not installed); "
-                            "using XLA's, which is slower on a CPU"]
+        records = [record for record in caplog.records if "oneDNN" in record.getMessage()]
+        assert [record.getMessage() for record in records] == [
+            "oneDNN convolutions unavailable (the onednn-cpu-gomp package is not installed); "
+            "using XLA's, which is slower on a CPU"]
+        assert records[0].levelname == "INFO"  # quiet at the entry scripts' default verbosity
+        with pytest.raises(engine.EngineUnavailable, match="cannot run here: the onednn-cpu-gomp package"):
+            engine.select("native")
+        assert engine.selected() == "auto" and "native library unavailable" in engine.describe()
     finally:
         onednn.available.cache_clear()  # the real backend again for later tests
+        onednn.unavailable_reason.cache_clear()
+
+
+def test_the_engine_switch_selects_the_reference_or_the_native_paths():
+    from meso_jax import fast_inference, fast_training  # pylint: disable=import-outside-toplevel
+
+    assert engine.selected() == "auto" and fast_inference.enabled()
+    with engine.selecting("xla"):
+        assert not (fast_inference.enabled() or fast_training.enabled() or onednn.enabled())
+        assert engine.describe().startswith("xla")
+    assert fast_training.enabled() == (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="auto, xla, native"):
+        engine.select("fast")
