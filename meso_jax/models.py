@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from meso_jax import fast_training, onednn
+from meso_jax.config import DROPOUT_RATE
 
 KERAS_BN_EPSILON = 1e-3
 KERAS_BN_MOMENTUM = 0.99
 LEAKY_RELU_SLOPE = 0.1
-DROPOUT_RATE = 0.5
 
 
 def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:

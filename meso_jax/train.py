@@ -35,10 +35,9 @@ from data_pipelines.faces import FaceDetectorUnavailable
 from data_pipelines.preprocessing import as_model_input
 from data_pipelines.samples import face_detector
 from meso_jax import checkpoints, engine, fast_inference, fast_training, keras_import, metrics, models, onednn
+from meso_jax.config import DROPOUT_RATE, SELECTION_RULES, TrainConfig
 
 MIN_FREE_DISK_BYTES = 200 * 1024 * 1024
-INPUT_PIPELINES = ("tfdata", "memory")
-SELECTION_RULES = ("worst", "mean")
 
 
 class TrainingError(Exception):
@@ -52,70 +51,6 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
     rng: jax.Array
     ema: Any = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run (the entry script fills it from flags)."""
-
-    model: str = "meso4"
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    schedule: str = "constant"  # constant (the shipped model's) | paper (÷10 every 1,000 steps to 1e-6) | cosine
-    warmup_steps: int = 500
-    decay_epochs: int = 0  # constant schedule only: the rate falls to 0 along a cosine over the last N epochs
-    weight_decay: float = 0.0
-    loss: str = "bce"  # bce (binary cross-entropy on logits) | mse (the paper's, on probabilities)
-    seed: int = 0
-    keras_weights: str | None = None
-    init_checkpoint: str | None = None  # start from this exported model or workdir's best checkpoint
-    teacher: str | None = None  # a model whose scores soften the training targets (distillation)
-    teacher_weight: float = 0.5  # target = (1 - w) * label + w * teacher's probability real
-    kernel_init: str = "flax"  # flax: LeCun-normal kernels; keras: Glorot-uniform (the seed's Keras recipe)
-    dropout_rate: float = models.DROPOUT_RATE  # the classifier head's dropout in training (the paper's 0.5)
-    ema_decay: float = 0.0  # > 0: validate, checkpoint and export an exponential moving average of the weights
-    # Data (used by train_and_evaluate; fit() takes batches directly).
-    data_dir: str = ""
-    dataset: str = "image"  # image | video
-    val_fraction: float = 0.1
-    augment: str = "flip"
-    input_pipeline: str = "tfdata"  # tfdata (decodes every epoch) | memory (decodes once; images only, no TF)
-    cache_dir: str | None = None
-    synthesize_fakes: str | None = None
-    preprocessing: dict = dataclasses.field(default_factory=dict)  # data_pipelines Preprocessing.to_dict()
-    select_by: str = "worst"  # several sources: the best checkpoint has the best worst (or mean) source AUC
-    paired_batches: bool = False  # each batch holds the originals of its fakes (training_examples.balanced_epoch_order)
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 3
-    log_every_steps: int = 50
-    progress_bar: bool = True
-
-    def __post_init__(self):
-        # Checked here, before any data is read, so a bad combination fails at once with one line.
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) (0: no weight averaging)")
-        if self.decay_epochs and self.schedule != "constant":
-            raise ValueError(f"decay_epochs applies to the constant schedule, not to {self.schedule!r}")
-        if not 0 <= self.decay_epochs <= self.epochs:
-            raise ValueError(f"decay_epochs={self.decay_epochs} must be between 0 and epochs={self.epochs}")
-        if self.select_by not in SELECTION_RULES:
-            raise ValueError(f"unknown select_by {self.select_by!r}; choose {' or '.join(SELECTION_RULES)}")
-        if self.input_pipeline not in INPUT_PIPELINES:
-            raise ValueError(f"unknown input_pipeline {self.input_pipeline!r}; choose one of "
-                             f"{', '.join(INPUT_PIPELINES)}")
-        if self.keras_weights and self.init_checkpoint:
-            raise ValueError("give either --keras_weights or --init_checkpoint, not both")
-        if self.teacher:
-            # The teacher scores every training image once, in memory; the hard label keeps at least
-            # half the weight, so each target stays on its label's side of 0.5 (class weights, accuracy).
-            if self.input_pipeline != "memory" or self.synthesize_fakes:
-                raise ValueError("--teacher needs --input_pipeline=memory and no --synthesize_fakes "
-                                 "(it scores each training image once, before training)")
-            if not 0 < self.teacher_weight <= 0.5:
-                raise ValueError(f"teacher_weight={self.teacher_weight} must be in (0, 0.5]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +87,7 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     return optax.adam(schedule)
 
 
-def training_module(spec: models.ModelSpec, dropout_rate: float = models.DROPOUT_RATE) -> nn.Module:
+def training_module(spec: models.ModelSpec, dropout_rate: float = DROPOUT_RATE) -> nn.Module:
     """The module train steps apply: ``spec.module`` with the head's ``dropout_rate``, and for Meso-4 its
     fused first block where fast_training is enabled and fused later blocks where oneDNN computes the
     convolutions too (same variables and results as ``spec.module``)."""
