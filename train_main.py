@@ -52,13 +52,13 @@ def main(argv: list[str]) -> int:
     from meso_jax import host_memory
     host_memory.reuse_freed_memory()  # before the first large allocation
     # After flag parsing, so --help stays fast.
-    from meso_jax import checkpoints, engine, scoring, train
+    from meso_jax import checkpoints, engine, experiment, run_control, scoring, train
     from meso_jax.keras_import import KerasWeightsError
     from data_pipelines.preprocessing import MediaError
 
     scoring.enable_compilation_cache()  # a resumed or repeated run skips the XLA compile
 
-    train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    experiment.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
         engine.select(FLAGS.engine)
     except engine.EngineUnavailable as error:
@@ -68,13 +68,13 @@ def main(argv: list[str]) -> int:
         preprocessing = Preprocessing(resize=FLAGS.resize, face_detector=FLAGS.face_detector,
                                       frames_per_video=FLAGS.frames_per_video)
         config = config_lib.from_flags(FLAGS, preprocessing.to_dict())
-        train.train_and_evaluate(config, FLAGS.workdir, export_dir=FLAGS.export_checkpoint)
-    except train.TrainingInterrupted as error:
+        experiment.train_and_evaluate(config, FLAGS.workdir, export_dir=FLAGS.export_checkpoint)
+    except run_control.TrainingInterrupted as error:
         print(f"train_main: {error}", file=sys.stderr, flush=True)
         return error.exit_code
     except (train.TrainingError, checkpoints.CheckpointError, KerasWeightsError, MediaError, ValueError,
             OSError) as error:
-        # One line, no traceback. The epoch's input iterator is already released (train.fit), so the
+        # One line, no traceback. The epoch's input iterator is already released (training_loop.fit), so the
         # interpreter exits at once.
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"train_main: error: {message}", file=sys.stderr, flush=True)

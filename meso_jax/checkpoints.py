@@ -25,7 +25,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "meso4x2"  # the best shipped model on its worst source (model card)
 LABEL_CONVENTION = "score = sigmoid(logit) = probability that the content is REAL (1 real, 0 fake)"
 WORKDIR_CHECKPOINTS = "checkpoints"
-BEST_METRIC = "val_selection"  # train.selection_metrics: worst source AUC, AUC, or minus loss
+BEST_METRIC = "val_selection"  # validation.selection_metrics: worst source AUC, AUC, or minus loss
 LEGACY_BEST_METRIC = "val_auc"  # what checkpoints written before val_selection were chosen by
 
 

@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from meso_jax import checkpoints, scoring, train
+from meso_jax import checkpoints, experiment, scoring, train, training_loop
 
 BATCH = 8
 STEPS = 3
@@ -22,7 +22,7 @@ VAL_IMAGES = 11  # not a multiple of the batch: the last validation batch is par
 
 def main(workdir: str, output_path: str, coordinator: str | None = None, num_processes: int | None = None,
          process_id: int | None = None) -> None:
-    train.initialize_distributed(coordinator, num_processes, process_id)
+    experiment.initialize_distributed(coordinator, num_processes, process_id)
     processes, index = jax.process_count(), jax.process_index()
     local = BATCH // processes
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def main(workdir: str, output_path: str, coordinator: str | None = None, num_pro
     train.DataParallel.shard_batch = recording_shard_batch
     config = train.TrainConfig(epochs=1, batch_size=BATCH, schedule="constant", progress_bar=False,
                                checkpoint_every_steps=2)
-    result = train.fit(config, workdir, STEPS, {"preprocessing": {}}, epoch_batches, val_batches)
+    result = training_loop.fit(config, workdir, STEPS, {"preprocessing": {}}, epoch_batches, val_batches)
     train.DataParallel.shard_batch = shard_batch
     restored = checkpoints.load_model(workdir)
     leaves = {jax.tree_util.keystr(path): np.asarray(leaf)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from meso_jax import checkpoints, models, train
+from meso_jax import checkpoints, models, run_control, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_training_restore_skips_a_truncated_newest_checkpoint(tmp_path) -> None:
     manager = checkpoints.open_manager(tmp_path / "checkpoints")
     messages: list[str] = []
     abstract = jax.tree_util.tree_map(np.asarray, train.state_to_tree(state))
-    tree, metadata, step = train.restore_latest_good(manager, abstract, messages.append, expected_model="meso4")
+    tree, metadata, step = run_control.restore_latest_good(manager, abstract, messages.append, expected_model="meso4")
     assert step == 2 and metadata["step"] == 2 and int(tree["train"]["step"]) == 2
     assert _first_kernel(tree["model"]) == pytest.approx(_first_kernel({"params": state.params}) + 2)
     assert len(messages) == 1 and re.match(r"warning: checkpoint at step 4 is unreadable \(.+\); trying the previous",
@@ -71,7 +71,7 @@ def test_training_restore_skips_a_truncated_newest_checkpoint(tmp_path) -> None:
     # Every checkpoint damaged: an error, never a silent fresh start over the user's files.
     _truncate_arrays(tmp_path / "checkpoints" / "2")
     with pytest.raises(train.TrainingError, match=r"no readable checkpoint .*\(steps 4, 2 are all damaged\)"):
-        train.restore_latest_good(manager, abstract, messages.append, expected_model="meso4")
+        run_control.restore_latest_good(manager, abstract, messages.append, expected_model="meso4")
     manager.close()
 
 
@@ -121,7 +121,7 @@ def test_a_checkpoint_of_another_model_is_one_clear_error(tmp_path) -> None:
     abstract = jax.tree_util.tree_map(np.asarray, train.state_to_tree(_state("meso4")))
     with pytest.raises(train.TrainingError,
                        match=r"holds checkpoints of model mesoinception4, not --model=meso4; use another --workdir"):
-        train.restore_latest_good(manager, abstract, print, expected_model="meso4")
+        run_control.restore_latest_good(manager, abstract, print, expected_model="meso4")
     manager.close()
 
     # An exported checkpoint whose metadata names a network this program does not know.
@@ -152,7 +152,7 @@ def test_a_checkpoint_of_another_model_is_one_clear_error(tmp_path) -> None:
     with checkpoints.open_manager(mislabelled, create=False) as mislabelled_manager:
         with pytest.raises(train.TrainingError, match=r"the checkpoint of step 0 does not fit --model=meso4 "
                                                       r"\(params/ConvBlock_0/Conv_0/kernel has shape"):
-            train.restore_latest_good(mislabelled_manager, abstract, print, expected_model="meso4")
+            run_control.restore_latest_good(mislabelled_manager, abstract, print, expected_model="meso4")
 
     # A folder that is not a checkpoint at all.
     (tmp_path / "empty").mkdir()
@@ -175,7 +175,7 @@ def test_stop_signals_ask_to_stop_and_a_second_ctrl_c_waits_for_the_save() -> No
 
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     finished = []
-    with train._StopSignals() as stop:  # pylint: disable=protected-access
+    with run_control.StopSignals() as stop:  # pylint: disable=protected-access
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert stop.requested == signal.SIGTERM  # recorded; nothing raised
@@ -195,26 +195,26 @@ def test_several_processes_stop_together_at_an_agreed_step(monkeypatch) -> None:
     import signal
 
     from jax.experimental import multihost_utils
-    stop = train._StopSignals()  # pylint: disable=protected-access  (no handlers installed: not entered)
+    stop = run_control.StopSignals()  # pylint: disable=protected-access  (no handlers installed: not entered)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     other_process_flag = {"value": 1}
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda flag: np.array([int(flag), other_process_flag["value"]]))
     # Another process got SIGTERM: this one stops too, but only at a step where all of them compare notes.
-    assert not train.stop_requested_everywhere(stop, step=51, sync_every_steps=50)
-    assert train.stop_requested_everywhere(stop, step=100, sync_every_steps=50)
+    assert not run_control.stop_requested_everywhere(stop, step=51, sync_every_steps=50)
+    assert run_control.stop_requested_everywhere(stop, step=100, sync_every_steps=50)
     other_process_flag["value"] = 0
-    assert not train.stop_requested_everywhere(stop, step=100, sync_every_steps=50)
+    assert not run_control.stop_requested_everywhere(stop, step=100, sync_every_steps=50)
     stop.requested = signal.SIGTERM
-    assert train.stop_requested_everywhere(stop, step=150, sync_every_steps=50)
+    assert run_control.stop_requested_everywhere(stop, step=150, sync_every_steps=50)
     monkeypatch.setattr(jax, "process_count", lambda: 1)  # one process: at once, at any step
-    assert train.stop_requested_everywhere(stop, step=151, sync_every_steps=50)
+    assert run_control.stop_requested_everywhere(stop, step=151, sync_every_steps=50)
 
 
 def test_a_resumed_run_logs_each_epoch_once(tmp_path) -> None:
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"epoch": 1, "step": 5}\n{"epoch": 2, "step": 10}\n{"epoch": 3, "st')  # killed mid-line
-    train._trim_metrics_log(log, last_step=8)  # pylint: disable=protected-access
+    run_control.trim_metrics_log(log, last_step=8)  # pylint: disable=protected-access
     assert log.read_text() == '{"epoch": 1, "step": 5}\n'
 
 

@@ -9,7 +9,7 @@ import pytest
 from data_pipelines import in_memory, input_pipeline
 from data_pipelines.sources import REAL, FAKE, DataSource, LabelledFile, parse_data_sources
 from data_pipelines.training_examples import balanced_epoch_order, stratum_shares
-from meso_jax import metrics, train
+from meso_jax import metrics, train, validation
 from tests.test_data_in_memory import assert_same_batches
 from tests.test_data_pipeline import SMALL, write_images
 
@@ -101,18 +101,18 @@ def test_validation_metrics_per_source_and_the_selection_rule():
         del state
         return {"score": scores, "loss": np.abs(np.asarray(batch["label"]) - scores)}
 
-    result = train.evaluate(None, batches, parallel, 24, eval_step, (4, 4, 3), False, source_of_path, "worst")
+    result = validation.evaluate(None, batches, parallel, 24, eval_step, (4, 4, 3), False, source_of_path, "worst")
     assert result["val_big_auc"] == 1.0 and result["val_small_auc"] == 0.0
     assert result["val_auc"] > 0.8
     assert result["val_selection"] == 0.0 and result["val_selection_rule"] == "worst source AUC"
-    mean = train.selection_metrics(result, ["big", "small"], "mean")
+    mean = validation.selection_metrics(result, ["big", "small"], "mean")
     assert mean["val_selection"] == 0.5
 
 
 def test_selection_falls_back_to_the_loss_when_an_auc_is_undefined():
-    chosen = train.selection_metrics({"val_auc": None, "val_loss": 0.25}, [], "worst")
+    chosen = validation.selection_metrics({"val_auc": None, "val_loss": 0.25}, [], "worst")
     assert chosen == {"val_selection": -0.25, "val_selection_rule": "minus loss (AUC undefined)"}
-    assert train.selection_metrics({"val_auc": 0.7, "val_loss": 0.25}, [], "worst")["val_selection"] == 0.7
+    assert validation.selection_metrics({"val_auc": 0.7, "val_loss": 0.25}, [], "worst")["val_selection"] == 0.7
 
 
 def test_balanced_eer_threshold_weighs_sources_equally():

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from meso_jax import engine, models, onednn
 from tests.conftest import random_model_variables
@@ -207,6 +208,8 @@ def test_without_the_backend_convolutions_go_to_xla_with_one_info_line_and_nativ
     monkeypatch.setattr(onednn, "_load", unavailable)
     onednn.available.cache_clear()
     onednn.unavailable_reason.cache_clear()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)  # the entry scripts' in-process tests leave it at WARNING
     try:
         x, kernel = np.ones((1, 8, 8, 2), np.float32), np.ones((3, 3, 2, 4), np.float32)
         conv = lambda x, kernel: onednn.conv_general_dilated(x, kernel, (1, 1), "SAME",  # noqa: E731
@@ -224,6 +227,7 @@ def test_without_the_backend_convolutions_go_to_xla_with_one_info_line_and_nativ
             engine.select("native")
         assert engine.selected() == "auto" and "native library unavailable" in engine.describe()
     finally:
+        absl_logging.set_verbosity(verbosity)
         onednn.available.cache_clear()  # the real backend again for later tests
         onednn.unavailable_reason.cache_clear()
 

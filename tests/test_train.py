@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.preprocessing import scale_to_unit
-from meso_jax import checkpoints, models, train
+from meso_jax import checkpoints, experiment, models, run_control, train, training_loop
 
 BATCH = 8
 STEPS_PER_EPOCH = 20
@@ -51,7 +51,7 @@ def _config(**overrides) -> train.TrainConfig:
 
 def _fit(workdir, epochs: int, messages: list[str]) -> dict:
     run_metadata = {"dataset": "image", "preprocessing": {"resize": "nearest", "face_detector": "none"}}
-    return train.fit(_config(epochs=epochs), workdir, STEPS_PER_EPOCH, run_metadata, _epoch_batches, _val_batches,
+    return training_loop.fit(_config(epochs=epochs), workdir, STEPS_PER_EPOCH, run_metadata, _epoch_batches, _val_batches,
                      log=messages.append)
 
 
@@ -79,7 +79,7 @@ def test_training_separates_two_classes_and_resumes(tmp_path) -> None:
     assert loaded.model_name == "meso4" and loaded.metadata["metrics"]["val_auc"] > 0.95
     assert loaded.preprocessing == {"resize": "nearest", "face_detector": "blazeface"}
     export_dir = tmp_path / "exported"
-    train.export_best(tmp_path, export_dir, log=first_messages.append)
+    experiment.export_best(tmp_path, export_dir, log=first_messages.append)
     exported = checkpoints.load_model(export_dir)
     assert exported.preprocessing == loaded.preprocessing
     assert "scans find faces with blazeface" in exported.metadata["trained_on"]
@@ -97,7 +97,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
             yield batch
 
     with pytest.raises(train.TrainingError, match=r"loss became nan at step 23"):
-        train.fit(_config(epochs=3), tmp_path, STEPS_PER_EPOCH, {}, poisoned_batches, _val_batches, log=print)
+        training_loop.fit(_config(epochs=3), tmp_path, STEPS_PER_EPOCH, {}, poisoned_batches, _val_batches, log=print)
     manager = checkpoints.open_manager(tmp_path / "checkpoints", create=False)
     assert manager.all_steps() == [STEPS_PER_EPOCH]
 
@@ -106,7 +106,7 @@ def test_unwritable_workdir_fails_before_training(tmp_path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(train.TrainingError, match="is not writable"):
-        train.check_workdir(blocker / "workdir")
+        run_control.check_workdir(blocker / "workdir")
 
 
 def test_batch_size_must_divide_by_device_count() -> None:
@@ -172,7 +172,7 @@ def test_init_checkpoint_starts_from_its_weights_and_must_be_the_same_model(tmp_
     run_metadata = {"dataset": "image", "preprocessing": {"resize": "nearest", "face_detector": "none"}}
     messages: list[str] = []
     # At learning rate 0 the parameters stay those of the checkpoint (seed 0 would draw others).
-    train.fit(_config(epochs=1, learning_rate=0.0, init_checkpoint=str(tmp_path / "start")), tmp_path / "run",
+    training_loop.fit(_config(epochs=1, learning_rate=0.0, init_checkpoint=str(tmp_path / "start")), tmp_path / "run",
               STEPS_PER_EPOCH, run_metadata, _epoch_batches, _val_batches, log=messages.append)
     assert any(message.startswith(f"initialised from {tmp_path / 'start'}") for message in messages)
     trained = checkpoints.load_model(tmp_path / "run")
@@ -180,7 +180,7 @@ def test_init_checkpoint_starts_from_its_weights_and_must_be_the_same_model(tmp_
         np.testing.assert_array_equal(want, got)
 
     with pytest.raises(train.TrainingError, match="holds meso4, but --model=mesoinception4"):
-        train.fit(_config(epochs=1, model="mesoinception4", init_checkpoint=str(tmp_path / "start")), tmp_path / "other",
+        training_loop.fit(_config(epochs=1, model="mesoinception4", init_checkpoint=str(tmp_path / "start")), tmp_path / "other",
                   STEPS_PER_EPOCH, run_metadata, _epoch_batches, _val_batches, log=messages.append)
 
 
@@ -223,7 +223,7 @@ def test_weight_averaged_run_checkpoints_the_average_and_resumes_exactly(tmp_pat
     run_metadata = {"dataset": "image", "preprocessing": {"resize": "nearest", "face_detector": "none"}}
 
     def run(workdir, epochs: int, ema_decay: float = 0.9) -> dict:
-        return train.fit(_config(epochs=epochs, ema_decay=ema_decay), workdir, STEPS_PER_EPOCH, run_metadata,
+        return training_loop.fit(_config(epochs=epochs, ema_decay=ema_decay), workdir, STEPS_PER_EPOCH, run_metadata,
                          _epoch_batches, _val_batches, log=lambda message: None)
 
     straight = run(tmp_path / "straight", epochs=2)
