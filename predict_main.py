@@ -33,8 +33,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write records to this file instea
 _LIMIT = flags.DEFINE_integer("limit", None, "Scan at most N images and at most N videos.", lower_bound=0)
 _ILIMIT = flags.DEFINE_integer("ilimit", None, "Scan at most N images (overrides --limit for images).", lower_bound=0)
 _VLIMIT = flags.DEFINE_integer("vlimit", None, "Scan at most N videos (overrides --limit for videos).", lower_bound=0)
-_REPORT = flags.DEFINE_string("report", None, "Also write a visual report to this HTML file (most suspicious first: the "
-                              "faces that decided, saliency heatmaps, per-frame charts; its images go to a "
+_REPORT = flags.DEFINE_string("report", None, "Also write a visual report to this HTML file (most suspicious first: "
+                              "the faces that decided, saliency heatmaps, per-frame charts; its images go to a "
                               "sibling folder NAME_files/).")
 
 _SCORING = cli.define_scoring_flags()

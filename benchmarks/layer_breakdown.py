@@ -46,7 +46,8 @@ def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels
     phased = jax.jit(lambda x: fast_inference._phased_block(x, kernel, bias, scale, shift, pool))
 
     def conv_block(use_onednn: bool):
-        with engine.selecting("native" if use_onednn else "xla"):  # compiled now, from a fresh function (JAX reuses traces)
+        # Compiled now, from a fresh function (JAX reuses traces).
+        with engine.selecting("native" if use_onednn else "xla"):
             return jax.jit(lambda x: fast_inference._conv_block(x, kernel, bias, scale, shift, pool)).lower(
                 images_jax).compile()
 

@@ -68,7 +68,8 @@ def flax_contenders(variables: dict, batches: list[int], train_batch: int):
     backends = {"": False, **({"_onednn": True} if onednn.available() else {})}
 
     def compiled(fn, use_onednn: bool, *args):
-        with engine.selecting("native" if use_onednn else "xla"):  # a fresh function: JAX would reuse an earlier trace of ``fn``
+        # A fresh function: JAX would reuse an earlier trace of ``fn``.
+        with engine.selecting("native" if use_onednn else "xla"):
             return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
     module = models.get_model("meso4").module

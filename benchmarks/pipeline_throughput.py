@@ -113,7 +113,8 @@ def video_stages(path: str, frames: int, rounds: int) -> dict:
             stage_times[f"detect_{name}"].append(time.perf_counter() - t1)
             found[name] = sum(1 for frame_boxes in boxes if frame_boxes)
         t2 = time.perf_counter()
-        crops = [preprocessing.resize_image(faces.crop_face(f, b[0], preps["blazeface"].face_margin), preps["blazeface"])
+        prep = preps["blazeface"]
+        crops = [preprocessing.resize_image(faces.crop_face(f, b[0], prep.face_margin), prep)
                  for (_, f), b in zip(sampled, boxes) if b]
         t3 = time.perf_counter()
         batch[:] = 0

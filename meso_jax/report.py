@@ -33,7 +33,8 @@ _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
 th{background:#f3f3f3}.fake{color:#b00020;font-weight:600}.real{color:#1b5e20;font-weight:600}
-.num{text-align:right;font-variant-numeric:tabular-nums}section.file{border-top:2px solid #ccc;padding-top:8px;margin-top:18px}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+section.file{border-top:2px solid #ccc;padding-top:8px;margin-top:18px}
 .faces{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;text-align:center;font-size:12px}
 figure img{display:block;width:128px;height:128px}.pair{display:flex;gap:2px}.error{color:#b00020}
 .muted{color:#666;font-size:13px}svg{background:#fafafa;border:1px solid #ddd}
@@ -185,7 +186,8 @@ class HtmlReport:
         chart = _frame_chart_svg(record, self.threshold) if record.kind == "video" else ""
         truth = f" (truth: {html.escape(entry.true_label)})" if entry.true_label else ""
         return (f"<section class=file id='f{entry.index}'><h3>{html.escape(records.printable_path(record.path))}</h3>"
-                f"<p><span class={record.label}>{record.label}</span> {record.score:.4f} ({html.escape(record.certainty)})"
+                f"<p><span class={record.label}>{record.label}</span> {record.score:.4f} "
+                f"({html.escape(record.certainty)})"
                 f"{truth}; {record.kind}, {_count(record.faces, 'face')} scored of {_count(record.frames, 'frame')}."
                 f"{' The most fake person decides.' if len(record.people) > 1 else ''}</p><ul>{people}</ul>"
                 f"<div class=faces>{self._face_figures(entry)}</div>{chart}</section>")
@@ -244,7 +246,8 @@ def _roc_svg(labels_fake: np.ndarray, scores_real: np.ndarray, side: int = 260) 
                       for x, y in zip(false_alarm_rate, detection_rate))
     return (f"<svg width={side} height={side} role=img aria-label='ROC curve'>"
             f"<rect x={margin} y={margin} width={plot} height={plot} fill=none stroke='#999'/>"
-            f"<line x1={margin} y1={margin + plot} x2={margin + plot} y2={margin} stroke='#ccc' stroke-dasharray='3 3'/>"
+            f"<line x1={margin} y1={margin + plot} x2={margin + plot} y2={margin} stroke='#ccc' "
+            f"stroke-dasharray='3 3'/>"
             f"<polyline points='{points}' fill=none stroke='#d62728' stroke-width='2'/>"
             f"<text x={side / 2} y=18 font-size=12 text-anchor=middle>ROC, AUC {auc:.3f}</text>"
             f"<text x={side / 2} y={side - 8} font-size=10 text-anchor=middle>reals judged fake (rate)</text>"

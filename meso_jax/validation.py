@@ -1,4 +1,5 @@
-"""Validation during training: AUC, EER and balanced accuracy per source, and the metric that picks the best checkpoint."""
+"""Validation during training: AUC, EER and balanced accuracy per source, and the metric that picks the best
+checkpoint."""
 
 from __future__ import annotations
 

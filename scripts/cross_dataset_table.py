@@ -61,8 +61,8 @@ def markdown(rows: list[dict]) -> str:
     for item in rows:
         numbers = [item["dfdc_val_auc"], item["ffpp_val_auc"], *(item[f"ffpp_{m}_auc"] for m in METHODS),
                    item["dev_videos_video_auc"], item["dev_videos_frame_auc"], item["threshold"]]
-        lines.append(f"| {item['model']} | " + " | ".join("–" if value is None else f"{value:.3f}" for value in numbers)
-                     + " |")
+        cells = ("–" if value is None else f"{value:.3f}" for value in numbers)
+        lines.append(f"| {item['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -221,7 +221,8 @@ def test_clip_models_score_each_persons_clips(tmp_path, crops_bgr):
     """A clip model's clips never mix two people."""
     frames = [_frame_with({LEFT_X: crops_bgr["real"], RIGHT_X: crops_bgr["fake"]}, shift=i) for i in range(6)]
     path = write_video(tmp_path / "two.mp4", frames)
-    prepared = scan._prepare_file(path, Preprocessing(frames_per_video=6), clip_frames=4)  # pylint: disable=protected-access
+    prep = Preprocessing(frames_per_video=6)
+    prepared = scan._prepare_file(path, prep, clip_frames=4)  # pylint: disable=protected-access
     assert prepared.model_inputs.shape[:2] == (4, 4) and prepared.input_person_ids == [0, 0, 1, 1]
 
 
