@@ -97,8 +97,8 @@ def test_shipped_model_loads_with_its_metadata(name: str) -> None:
     assert "probability that the content is REAL" in loaded.metadata["label_convention"]
     assert loaded.preprocessing["face_detector"] == "blazeface"  # trained on crops; scans find faces first
     assert loaded.preprocessing["resize"] == "nearest" and loaded.preprocessing["image_size"] == 256
-    # Pooled validation AUC at export: 0.87-0.92, except meso4_f2f (0.725: strong on FaceForensics++, weaker on DFDC).
-    assert loaded.metadata["metrics"]["val_auc"] > (0.7 if name == "meso4_f2f" else 0.8)
+    # Pooled validation AUC at export: 0.87-0.92, except meso4_f2f (0.786: strong on FaceForensics++, weaker on DFDC).
+    assert loaded.metadata["metrics"]["val_auc"] > (0.75 if name == "meso4_f2f" else 0.8)
     assert models.count_params(loaded.variables["params"]) == parameter_count
     images = np.random.default_rng(0).uniform(0, 1, (2, 256, 256, 3)).astype(np.float32)
     scores = jax.nn.sigmoid(models.get_model(model_name).module.apply(loaded.variables, images))
