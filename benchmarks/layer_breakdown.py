@@ -4,7 +4,7 @@
 
 For each of the four "conv (SAME) + bias -> ReLU -> BatchNorm -> max-pool" blocks at its Meso-4
 shape, times (interleaved, one process) the pool-phase formulation of fast_inference, XLA's
-convolution + reduce_window, the same with oneDNN's convolution (meso_jax.onednn, when it builds
+convolution + reduce_window, the same with oneDNN's convolution (meso_jax.cpu.onednn, when it builds
 here), and the block in TensorFlow (oneDNN on unless TF_ENABLE_ONEDNN_OPTS=0 is set), and reports
 ms per batch and GFLOP/s of the convolution.
 """
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.model_throughput import MESO4_CONVS  # noqa: E402
-from meso_jax.fast_inference import MESO4_POOLS  # noqa: E402
+from meso_jax.cpu.fast_inference import MESO4_POOLS  # noqa: E402
 
 
 def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels: int, pool: int,
@@ -36,7 +36,8 @@ def block_contenders(size: int, kernel_size: int, in_channels: int, out_channels
     import jax
     import tensorflow as tf
 
-    from meso_jax import engine, fast_inference, onednn
+    from meso_jax import engine
+    from meso_jax.cpu import fast_inference, onednn
 
     rng = np.random.default_rng(size)
     images = rng.random((batch, size, size, in_channels), dtype=np.float32)

@@ -1,7 +1,7 @@
 """Meso-4 throughput on this machine: plain Flax vs the fast inference path vs Keras/TensorFlow vs
 PyTorch (when installed: channels-last, its own CPU kernels), inference at several batch sizes and
 one training step. Our contenders run with XLA's convolutions and, suffixed "_onednn", with
-meso_jax.onednn's (the default on CPU where that backend builds). The process uses
+meso_jax.cpu.onednn's (the default on CPU where that backend builds). The process uses
 meso_jax.host_memory's malloc settings, as the entry scripts do (--malloc_defaults: glibc's).
 
     python3 benchmarks/model_throughput.py [--output=FILE.json] [--rounds=3] [--seconds=1.5]
@@ -60,10 +60,11 @@ def matmul_peak(seconds: float) -> dict:
 
 def flax_contenders(variables: dict, batches: list[int], train_batch: int):
     """Plain Flax and fast-path inference functions, and Flax train steps (Adam, BCE, BN train), each
-    compiled with XLA's convolutions and, where meso_jax.onednn is available, with oneDNN's."""
+    compiled with XLA's convolutions and, where meso_jax.cpu.onednn is available, with oneDNN's."""
     import jax
     import optax
-    from meso_jax import engine, fast_inference, models, onednn
+    from meso_jax import engine, models
+    from meso_jax.cpu import fast_inference, onednn
 
     backends = {"": False, **({"_onednn": True} if onednn.available() else {})}
 
@@ -126,7 +127,7 @@ def flax_contenders(variables: dict, batches: list[int], train_batch: int):
             loss.block_until_ready()
         return step
 
-    # flax_plain: the Flax module as is; jax_fused: its first block trained with meso_jax.fast_training
+    # flax_plain: the Flax module as is; jax_fused: its first block trained with meso_jax.cpu.fast_training
     # (what train.py uses on CPU without oneDNN); jax_fused_all: all four blocks (what it uses with
     # oneDNN); "_onednn": with oneDNN's convolutions (the default on CPU where the backend builds).
     train = {}
@@ -200,7 +201,7 @@ def torch_model(variables: dict):
     import torch
     from torch import nn
 
-    from meso_jax import fast_inference
+    from meso_jax.cpu import fast_inference
 
     class Meso4(nn.Module):
         def __init__(self):

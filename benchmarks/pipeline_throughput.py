@@ -67,7 +67,8 @@ def image_stages(paths: list[str], workers: int) -> dict:
 
 def video_stages(path: str, frames: int, rounds: int) -> dict:
     import jax
-    from meso_jax import fast_inference, models
+    from meso_jax import models
+    from meso_jax.cpu import fast_inference
     from meso_jax.keras_import import load_keras_weights
 
     capture = cv2.VideoCapture(path)

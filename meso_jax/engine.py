@@ -2,8 +2,8 @@
 
 * ``xla``: the plain Flax modules of meso_jax.models, compiled by XLA: the reference, on any device.
 * ``native``: on the CPU, the hand-tuned paths: Meso-4's fused inference and training blocks
-  (meso_jax.fast_inference, meso_jax.fast_training) and the native kernels and oneDNN convolutions
-  (meso_jax.onednn, built with the machine's C++ compiler on first use); each is tested equal to the
+  (meso_jax.cpu.fast_inference, meso_jax.cpu.fast_training) and the native kernels and oneDNN convolutions
+  (meso_jax.cpu.onednn, built with the machine's C++ compiler on first use); each is tested equal to the
   Flax module. Selecting it where it cannot run is an error that says why.
 * ``auto`` (the default): native where it runs (the CPU, one device), otherwise XLA; where the native
   library cannot be built (no compiler, no oneDNN wheel) the fused paths still run and one info line
@@ -36,7 +36,7 @@ def select(name: str) -> None:
     if name == "native":
         import jax  # pylint: disable=import-outside-toplevel  (the flags' module imports this one: stay light)
 
-        from meso_jax import onednn  # pylint: disable=import-outside-toplevel  (builds the library)
+        from meso_jax.cpu import onednn  # pylint: disable=import-outside-toplevel  (builds the library)
 
         if jax.default_backend() != "cpu":
             raise EngineUnavailable(f"--engine=native is for the CPU; this is {jax.default_backend()} "
@@ -75,7 +75,7 @@ def describe() -> str:
         return "xla (the plain Flax modules)"
     import jax  # pylint: disable=import-outside-toplevel
 
-    from meso_jax import onednn  # pylint: disable=import-outside-toplevel
+    from meso_jax.cpu import onednn  # pylint: disable=import-outside-toplevel
 
     if jax.default_backend() != "cpu":
         return f"{_selected}: xla (the plain Flax modules; the native paths are for the CPU)"

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from meso_jax import fast_training, onednn
+from meso_jax.cpu import fast_training, onednn
 from meso_jax.config import DROPOUT_RATE
 
 KERAS_BN_EPSILON = 1e-3
@@ -34,7 +34,7 @@ def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
 
 
 def _conv(features: int, kernel_size: int, name: str | None = None) -> nn.Conv:
-    """A SAME 2-D convolution with bias, run by oneDNN on the CPU where available (meso_jax.onednn)."""
+    """A SAME 2-D convolution with bias, run by oneDNN on the CPU where available (meso_jax.cpu.onednn)."""
     return nn.Conv(features, (kernel_size, kernel_size), padding="SAME", name=name,
                    conv_general_dilated=onednn.conv_general_dilated)
 
@@ -179,7 +179,7 @@ class ShiftedConv(nn.Module):
     which XLA fuses into one loop and whose gradient is slices and reductions: on an H100 that made the
     MesoInception-4 training step 21x faster (the convolution's weight gradient with dilation and 2–4
     channels was the slowest op). On the CPU, where a convolution is faster (XLA's 2.7x for training),
-    the convolution is used (oneDNN's where available, see meso_jax.onednn).
+    the convolution is used (oneDNN's where available, see meso_jax.cpu.onednn).
     """
 
     features: int

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from data_pipelines.preprocessing import Preprocessing, as_model_input
-from meso_jax import checkpoints, fast_inference, models
+from meso_jax import checkpoints, models
+from meso_jax.cpu import fast_inference
 from meso_jax.user_cache import cache_root
 
 AGGREGATIONS = ("mean", "vote")
@@ -94,7 +95,7 @@ class Scorer:
 
     def __init__(self, loaded_model: checkpoints.LoadedModel, batch_size: int, fast_path: bool | None = None,
                  flip_average: bool = False):
-        """``fast_path``: compute Meso-4, and the Meso-4 members of an ensemble, with meso_jax.fast_inference
+        """``fast_path``: compute Meso-4, and the Meso-4 members of an ensemble, with meso_jax.cpu.fast_inference
         (same scores to ~1e-6, ~2.5x faster on CPU); default on unless the environment sets
         MESO_JAX_FAST_INFERENCE=0.
         ``flip_average``: score each input as the mean of the model's logits for it and for its mirror

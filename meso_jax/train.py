@@ -19,7 +19,8 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.preprocessing import as_model_input
-from meso_jax import fast_inference, fast_training, models, onednn
+from meso_jax import models
+from meso_jax.cpu import fast_inference, fast_training, onednn
 from meso_jax.config import DROPOUT_RATE, TrainConfig
 
 class TrainingError(Exception):

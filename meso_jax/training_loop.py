@@ -14,7 +14,8 @@ import flax
 import jax
 import numpy as np
 
-from meso_jax import checkpoints, engine, fast_inference, keras_import, models
+from meso_jax import checkpoints, engine, keras_import, models
+from meso_jax.cpu import fast_inference
 from meso_jax.config import TrainConfig
 from meso_jax.run_control import (EventLog, StopSignals, TrainingInterrupted, check_same_averaging, logged_steps,
                                   release_iterator, restore_latest_good, stop_requested_everywhere, trim_metrics_log)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import preprocessing
-from meso_jax import checkpoints, fast_inference, keras_import, models, scoring
+from meso_jax import checkpoints, keras_import, models, scoring
+from meso_jax.cpu import fast_inference
 
 BATCH = 4  # one compiled shape for every test in this file
 

@@ -1,4 +1,4 @@
-"""The fused training block (meso_jax/fast_training.py) against the Flax ConvBlock and a float64 reference."""
+"""The fused training block (meso_jax/cpu/fast_training.py) against the Flax ConvBlock and a float64 reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meso_jax import engine, fast_training, models, onednn, train
+from meso_jax import engine, models, train
+from meso_jax.cpu import fast_training, onednn
 
 pytestmark = pytest.mark.native  # the native CPU code (a C++ compiler) against the XLA reference
 
@@ -141,7 +142,7 @@ def eight_wide_first_block(tmp_path_factory) -> tuple[str, str]:
     registered under names of its own: (forward, backward) targets. Skips where the library's own build
     already is that one."""
     if not onednn.enabled():
-        pytest.skip("the native library (meso_jax.onednn) is unavailable here")
+        pytest.skip("the native library (meso_jax.cpu.onednn) is unavailable here")
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists() or " avx512f" not in cpuinfo.read_text():
         pytest.skip("no AVX-512 here: the library's own build is the 8-wide one, tested against XLA as it is")
@@ -163,7 +164,7 @@ def test_native_first_block_matches_the_xla_formulation(monkeypatch, request, bu
     ops, at image edges and on ties: the library's build (16-wide kernels on an AVX-512 machine) and the
     8-wide kernels an AVX2 machine builds."""
     if not onednn.enabled():
-        pytest.skip("the native library (meso_jax.onednn) is unavailable here")
+        pytest.skip("the native library (meso_jax.cpu.onednn) is unavailable here")
     if build == "8-wide":
         forward, backward = request.getfixturevalue("eight_wide_first_block")
         monkeypatch.setattr(onednn, "FIRST_BLOCK_FORWARD", forward)
@@ -205,7 +206,7 @@ def test_native_pool_selection_matches_the_xla_formulation(monkeypatch, channels
     gradient) against the same block in XLA ops, also on ties, and with the previous block's BatchNorm
     folded into the convolution (a bias that changes near the edges)."""
     if not onednn.enabled():
-        pytest.skip("the native library (meso_jax.onednn) is unavailable here")
+        pytest.skip("the native library (meso_jax.cpu.onednn) is unavailable here")
     rng = np.random.default_rng(channels * pool)
     (x, kernel, bias, scale, offset), upstream = _random_block(rng, 3, 16, 5, 8, channels, pool)
     if flat:  # constant patches: windows full of equal values, the gradient to the first position
@@ -256,7 +257,7 @@ def test_native_blocks_propagate_nan_like_xla(kernel_size, in_channels, phased_c
     """A NaN in the input (first_block.cc for the first block, pool_select.cc for a later one) makes the
     statistics and every output NaN, as in XLA (so training stops on a NaN loss)."""
     if not onednn.enabled():
-        pytest.skip("the native library (meso_jax.onednn) is unavailable here")
+        pytest.skip("the native library (meso_jax.cpu.onednn) is unavailable here")
     (x, kernel, bias, scale, offset), _ = _random_block(np.random.default_rng(5), 2, 8, kernel_size, in_channels, 8, 2)
     x[1, 3, 5, 2] = np.nan
     pooled, mean, var = jax.jit(lambda *a: fast_training.conv_relu_bn_pool_train(*a, 2, EPSILON, phased_conv))(

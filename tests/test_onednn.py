@@ -1,4 +1,4 @@
-"""The optional oneDNN convolution backend (meso_jax/onednn.py): same values and gradients as XLA's
+"""The optional oneDNN convolution backend (meso_jax/cpu/onednn.py): same values and gradients as XLA's
 convolution, used by the models on the CPU, and a clear fallback when it cannot be built."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 
-from meso_jax import engine, models, onednn
+from meso_jax import engine, models
+from meso_jax.cpu import onednn
 from tests.conftest import random_model_variables
 
 pytestmark = pytest.mark.native  # the native CPU code (a C++ compiler) against the XLA reference
@@ -233,7 +234,7 @@ def test_without_the_backend_convolutions_go_to_xla_with_one_info_line_and_nativ
 
 
 def test_the_engine_switch_selects_the_reference_or_the_native_paths():
-    from meso_jax import fast_inference, fast_training  # pylint: disable=import-outside-toplevel
+    from meso_jax.cpu import fast_inference, fast_training  # pylint: disable=import-outside-toplevel
 
     assert engine.selected() == "auto" and fast_inference.enabled()
     with engine.selecting("xla"):

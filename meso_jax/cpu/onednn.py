@@ -8,7 +8,7 @@ through XLA's FFI: ``onednn_conv.cc`` is compiled on first use against the oneDN
 (``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``, in requirements.txt for Linux x86-64) and jaxlib's
 FFI headers, and kept under $XDG_CACHE_HOME (or ~/.cache)/meso_jax/onednn. The same library offers
 ``materialize``, a pass-through call that makes XLA compute a value once instead of inside each of
-its consumers, and meso_jax.fast_training's kernels (through ``native_call``): Meso-4's first block in
+its consumers, and meso_jax.cpu.fast_training's kernels (through ``native_call``): Meso-4's first block in
 training (``first_block.cc``) and the later blocks' ReLU, statistics and pooling selection after their
 convolution and its gradient (``pool_select.cc``). It is compiled for the CPU it runs on
 (``-march=native``; the cache is kept per CPU).

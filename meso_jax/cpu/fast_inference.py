@@ -17,7 +17,7 @@ max-pool p" block without a convolution op:
   are multiplied by -1 for the channels that need the minimum (min(z) = -max(-z), exactly), so one
   maximum per window serves every channel, in every block.
 
-The later blocks (8-16 channels) use a convolution (oneDNN's where meso_jax.onednn is on, else
+The later blocks (8-16 channels) use a convolution (oneDNN's where meso_jax.cpu.onednn is on, else
 XLA's), both faster than the phased sum there (benchmarks/layer_breakdown.py); phasing blocks 1-3
 also made a 15x larger program, 1 s more tracing and 4 s more compiling at start-up. Their pooling is
 a maximum of strided slices, and the bias is added after it. The result
@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import preprocessing
-from meso_jax import engine, fast_training, models, onednn
+from meso_jax import engine, models
+from meso_jax.cpu import fast_training, onednn
 
 # Max-pool size of each Meso-4 block; kernel sizes and channels come from the variables.
 MESO4_POOLS = (2, 2, 2, 4)

@@ -11,7 +11,7 @@ computed in two parts:
   activation and the batch mean and variance of the activations, all three differentiable; the backward
   is d(loss)/dz = [z > 0] * ([chosen] * d(loss)/d(selected) + d(loss)/d(mean) / N + 2 d(loss)/d(var) *
   (a - mean) / N), then the weight (and input) gradients of the convolution (oneDNN's where available,
-  see meso_jax.onednn, else XLA's). For a first layer the forward is the pool-phase decomposition (shared
+  see meso_jax.cpu.onednn, else XLA's). For a first layer the forward is the pool-phase decomposition (shared
   with fast_inference): for each pooling phase (dy, dx) the conv outputs at rows p*i + dy, columns
   p*j + dx are one fused sum of k*k*Cin stride-p slices of the padded input times weight vectors; the
   input gradient is dead code there and XLA removes it.
@@ -21,7 +21,7 @@ computed in two parts:
   per input channel, the offsets' part a per-position bias), which saves a pass over the block's output
   in the forward and the two sums over it in the backward (the scaled kernel's gradient carries them).
 
-On the CPU with the native library (meso_jax.onednn), Meso-4's first block (RGB -> 8 channels, 3x3,
+On the CPU with the native library (meso_jax.cpu.onednn), Meso-4's first block (RGB -> 8 channels, 3x3,
 pool 2) runs as two calls of ``first_block.cc``: the forward in one pass over the image (each window's
 selected activation and its position, and the sums for the statistics; no activations kept), the
 backward recomputing the convolution while it accumulates the kernel and bias gradients (the image's
@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meso_jax import engine, onednn
+from meso_jax import engine
+from meso_jax.cpu import onednn
 
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -105,7 +106,7 @@ def window_sign(scale: jax.Array) -> jax.Array:
 
 def _native_first_block(x_bhwc: jax.Array, kernel: jax.Array, pool: int) -> bool:
     """Whether first_block.cc computes this block: Meso-4's first (RGB -> 8 channels, 3x3, pool 2), float32,
-    with the native library available (see meso_jax.onednn)."""
+    with the native library available (see meso_jax.cpu.onednn)."""
     return (pool == 2 and x_bhwc.shape[3] == 3 and kernel.shape == (3, 3, 3, 8) and x_bhwc.dtype == jnp.float32
             and kernel.dtype == jnp.float32 and onednn.enabled())
 
