@@ -22,7 +22,7 @@ import numpy as np
 from data_pipelines.preprocessing import as_model_input
 from meso_jax import scoring
 
-NOISE_SAMPLES = 4  # noisy copies per face (with flip averaging, half for each view)
+NOISE_SAMPLES = 2  # noisy copies per face (with flip averaging, half for each view)
 NOISE_STD = 0.1  # of the input range [0, 1]
 BLUR_SIGMA_FRACTION = 1 / 128  # of the face side
 

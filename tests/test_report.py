@@ -149,7 +149,7 @@ def test_saliency_changes_when_the_weights_are_randomised(shared_dir, shipped):
     np.testing.assert_allclose(trained, again, atol=1e-5)  # deterministic for one model and seed
     correlations = [scipy.stats.spearmanr(ours[::4, ::4].ravel(), random_map[::4, ::4].ravel())[0]
                     for ours, random_map in zip(trained, randomised)]
-    assert np.mean(correlations) < 0.5, correlations  # 16 faces, two random models: 0.16 and 0.31
+    assert np.mean(correlations) < 0.5, correlations  # 16 faces, two random models: 0.14 and 0.29
     assert trained.shape == (4, 256, 256) and 0.0 <= trained.min() and trained.max() <= 1.0
 
 
