@@ -69,6 +69,29 @@ def selecting(name: str) -> Iterator[None]:
         select(previous)
 
 
+def conv_general_dilated(lhs, rhs, window_strides, padding, **arguments):
+    """``jax.lax.conv_general_dilated`` as the selected engine computes it: the models' convolutions call
+    this (through flax's ``nn.Conv``), so meso_jax.models needs no engine of its own. The native engine's
+    (meso_jax.cpu.onednn) goes to oneDNN where it applies and to XLA otherwise."""
+    if native():
+        from meso_jax.cpu import onednn  # pylint: disable=import-outside-toplevel
+
+        return onednn.conv_general_dilated(lhs, rhs, window_strides, padding, **arguments)
+    import jax  # pylint: disable=import-outside-toplevel
+
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **arguments)
+
+
+def fused_training_block():
+    """The selected engine's fused training form of models.ConvBlock (meso_jax.cpu.fast_training: its
+    ``supports`` and ``conv_relu_bn_pool_train``), or None where training uses the Flax block itself."""
+    if not native():
+        return None
+    from meso_jax.cpu import fast_training  # pylint: disable=import-outside-toplevel
+
+    return fast_training if fast_training.enabled() else None
+
+
 def describe() -> str:
     """The engine in a few words, for logs and benchmark output."""
     if _selected == "xla":

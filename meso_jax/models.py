@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from meso_jax.cpu import fast_training, onednn
+from meso_jax import engine
 from meso_jax.config import DROPOUT_RATE
 
 KERAS_BN_EPSILON = 1e-3
@@ -34,9 +34,32 @@ def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
 
 
 def _conv(features: int, kernel_size: int, name: str | None = None) -> nn.Conv:
-    """A SAME 2-D convolution with bias, run by oneDNN on the CPU where available (meso_jax.cpu.onednn)."""
+    """A SAME 2-D convolution with bias, computed by the selected engine's convolution (meso_jax.engine)."""
     return nn.Conv(features, (kernel_size, kernel_size), padding="SAME", name=name,
-                   conv_general_dilated=onednn.conv_general_dilated)
+                   conv_general_dilated=engine.conv_general_dilated)
+
+
+class Normalized(NamedTuple):
+    """A block's output with BatchNorm's per-channel affine map not yet applied: ``selected * scale + offset``
+    (B, H, W, C), left to the next block, which folds it into its convolution (what a fused training
+    block returns with ``defer_normalization``)."""
+
+    selected: jax.Array
+    scale: jax.Array
+    offset: jax.Array
+
+    def apply(self) -> jax.Array:
+        """The block's output itself."""
+        return self.selected * self.scale + self.offset
+
+
+def interleave_pool_phases(phases: list[jax.Array], pool: int) -> jax.Array:
+    """The inverse of splitting by pooling phase: ``phases`` [(dy, dx) row-major], each (B, h, w, C),
+    woven into one (B, h * pool, w * pool, C) array with phase (dy, dx) at rows pool*i + dy, columns
+    pool*j + dx."""
+    batch, out_h, out_w, channels = phases[0].shape
+    return (jnp.stack(phases).reshape(pool, pool, batch, out_h, out_w, channels)
+            .transpose(2, 3, 0, 4, 1, 5).reshape(batch, out_h * pool, out_w * pool, channels))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -65,7 +88,7 @@ def _tiled_max_pool_backward(pool: int, residuals: tuple[jax.Array, jax.Array], 
             chosen = (x_bhwc[:, dy::pool, dx::pool] == pooled) & ~taken
             taken = taken | chosen
             grads.append(jnp.where(chosen, grad_pooled, 0.0))
-    return (fast_training.interleave_pool_phases(grads, pool),)
+    return (interleave_pool_phases(grads, pool),)
 
 
 _tiled_max_pool.defvjp(_tiled_max_pool_forward, _tiled_max_pool_backward)
@@ -86,10 +109,10 @@ def _max_pool(x: jax.Array, pool: int) -> jax.Array:
 class ConvBlock(nn.Module):
     """conv (SAME, bias) -> ReLU -> BatchNorm -> max-pool, as in MesoNet.
 
-    fused_training: in training mode, compute the block with fast_training's fused op (same variables,
-    same results, its own gradient; faster on CPU). phased_conv: the fused op computes the convolution
+    fused_training: in training mode, compute the block with the engine's fused training block
+    (``engine.fused_training_block()``: same variables, same results, its own gradient; faster on CPU). phased_conv: the fused op computes the convolution
     per pooling phase from the input (few input channels, e.g. RGB) rather than as one convolution.
-    defer_normalization: where the fused op runs, return its output as fast_training.Normalized (BatchNorm's
+    defer_normalization: where the fused op runs, return its output as Normalized (BatchNorm's
     affine map still to apply), for a next fused block to fold into its convolution. The block takes such
     an output as its input too.
     """
@@ -102,24 +125,24 @@ class ConvBlock(nn.Module):
     defer_normalization: bool = False
 
     @nn.compact
-    def __call__(self, images_bhwc: jax.Array | fast_training.Normalized, train: bool
-                 ) -> jax.Array | fast_training.Normalized:
-        shape = images_bhwc.selected.shape if isinstance(images_bhwc, fast_training.Normalized) else images_bhwc.shape
-        if (train and self.fused_training and not self.is_initializing()
-                and fast_training.supports(shape, self.kernel_size, self.pool)
-                and not (self.phased_conv and isinstance(images_bhwc, fast_training.Normalized))):
-            return self._fused_train(images_bhwc)
-        if isinstance(images_bhwc, fast_training.Normalized):
+    def __call__(self, images_bhwc: jax.Array | Normalized, train: bool) -> jax.Array | Normalized:
+        shape = images_bhwc.selected.shape if isinstance(images_bhwc, Normalized) else images_bhwc.shape
+        fused = engine.fused_training_block() if train and self.fused_training else None
+        if (fused is not None and not self.is_initializing()
+                and fused.supports(shape, self.kernel_size, self.pool)
+                and not (self.phased_conv and isinstance(images_bhwc, Normalized))):
+            return self._fused_train(fused, images_bhwc)
+        if isinstance(images_bhwc, Normalized):
             images_bhwc = images_bhwc.apply()
         x = _conv(self.features, self.kernel_size)(images_bhwc)
         x = _batch_norm(train)(nn.relu(x))
         return _max_pool(x, self.pool)
 
-    def _fused_train(self, images_bhwc: jax.Array | fast_training.Normalized) -> jax.Array | fast_training.Normalized:
+    def _fused_train(self, fused, images_bhwc: jax.Array | Normalized) -> jax.Array | Normalized:
         """The training-mode block on the variables nn.Conv ("Conv_0") and nn.BatchNorm ("BatchNorm_0")
         own, updating the running statistics as flax.linen.BatchNorm does."""
         conv, norm = self.variables["params"]["Conv_0"], self.variables["params"]["BatchNorm_0"]
-        pooled, batch_mean, batch_var = fast_training.conv_relu_bn_pool_train(
+        pooled, batch_mean, batch_var = fused.conv_relu_bn_pool_train(
             images_bhwc, conv["kernel"], conv["bias"], norm["scale"], norm["bias"], self.pool, KERAS_BN_EPSILON,
             self.phased_conv, self.defer_normalization)
         if self.is_mutable_collection("batch_stats"):
@@ -192,7 +215,7 @@ class ShiftedConv(nn.Module):
         kernel = self.param("kernel", nn.linear.default_kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         if jax.default_backend() == "cpu":
-            return onednn.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+            return engine.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
                                                dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
         reach = dilation * (k // 2)
         padded = jnp.pad(x, ((0, 0), (reach, reach), (reach, reach), (0, 0)))

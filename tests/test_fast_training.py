@@ -214,7 +214,7 @@ def test_native_pool_selection_matches_the_xla_formulation(monkeypatch, channels
     previous_scale, previous_offset = rng.standard_normal((2, 8), np.float32)
 
     def block(x, *parameters):
-        inputs = fast_training.Normalized(x, previous_scale, previous_offset) if folded else x
+        inputs = models.Normalized(x, previous_scale, previous_offset) if folded else x
         return fast_training.conv_relu_bn_pool_train(inputs, *parameters, pool, EPSILON, False)
 
     _assert_native_matches_xla(monkeypatch, "_native_pool_select",
@@ -235,11 +235,11 @@ def test_conv_of_normalized_is_the_convolution_of_the_normalized_input(shape, ke
     upstream = rng.standard_normal((*shape[:3], 4), np.float32)
 
     def folded(selected, scale, offset, kernel):
-        z, offsets_part = fast_training.conv_of_normalized(fast_training.Normalized(selected, scale, offset), kernel)
+        z, offsets_part = fast_training.conv_of_normalized(models.Normalized(selected, scale, offset), kernel)
         return jnp.sum((z + offsets_part) * upstream)
 
     def explicit(selected, scale, offset, kernel):
-        normalized = fast_training.Normalized(selected, scale, offset).apply()
+        normalized = models.Normalized(selected, scale, offset).apply()
         z = jax.lax.conv_general_dilated(normalized, kernel, (1, 1), "SAME",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return jnp.sum(z * upstream)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from meso_jax import models
+from tests.conftest import REPO_ROOT
 
 
 def _abstract_variables(name: str) -> dict:
@@ -128,3 +129,17 @@ def test_max_pool_equals_reduce_window_in_values_and_gradient_ties_included(pool
     np.testing.assert_array_equal(np.asarray(pooled), np.asarray(expected))
     grad_pooled = jnp.asarray(rng.standard_normal(expected.shape).astype(np.float32))
     np.testing.assert_array_equal(np.asarray(pool_vjp(grad_pooled)[0]), np.asarray(reference_vjp(grad_pooled)[0]))
+
+
+def test_the_model_definitions_import_no_engine():
+    """models.py holds the plain Flax modules only: faster paths (meso_jax.cpu) are reached through the
+    engine switch (meso_jax.engine), never imported by the models."""
+    import ast  # pylint: disable=import-outside-toplevel
+
+    tree = ast.parse((REPO_ROOT / "meso_jax" / "models.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not any(name and name.startswith("meso_jax.cpu") for name in imported), imported
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "meso_jax"
+             for alias in node.names}
+    assert names <= {"engine"}, names

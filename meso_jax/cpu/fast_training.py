@@ -38,7 +38,6 @@ for Meso-4's first block, and for its later blocks too where oneDNN computes the
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +45,7 @@ import numpy as np
 
 from meso_jax import engine
 from meso_jax.cpu import onednn
+from meso_jax.models import Normalized, interleave_pool_phases
 
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -84,15 +84,6 @@ def pool_phase_conv(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array, pool:
     return phases
 
 
-def interleave_pool_phases(phases: list[jax.Array], pool: int) -> jax.Array:
-    """The inverse of splitting by pooling phase: ``phases`` [(dy, dx) row-major], each (B, h, w, C),
-    woven into one (B, h * pool, w * pool, C) array with phase (dy, dx) at rows pool*i + dy, columns
-    pool*j + dx."""
-    batch, out_h, out_w, channels = phases[0].shape
-    return (jnp.stack(phases).reshape(pool, pool, batch, out_h, out_w, channels)
-            .transpose(2, 3, 0, 4, 1, 5).reshape(batch, out_h * pool, out_w * pool, channels))
-
-
 def _conv(x_bhwc: jax.Array, kernel: jax.Array) -> jax.Array:
     return onednn.conv_general_dilated(x_bhwc, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMENSIONS)
 
@@ -117,19 +108,6 @@ def _native_pool_select(z_bhwc: jax.Array, pool: int) -> bool:
     _, height, width, channels = z_bhwc.shape
     return (z_bhwc.dtype == jnp.float32 and channels % 8 == 0 and height % pool == 0 and width % pool == 0
             and onednn.enabled())
-
-
-class Normalized(NamedTuple):
-    """A block's output with BatchNorm's per-channel affine map not yet applied: ``selected * scale + offset``
-    (B, H, W, C), left to the next block, which folds it into its convolution (conv_of_normalized)."""
-
-    selected: jax.Array
-    scale: jax.Array
-    offset: jax.Array
-
-    def apply(self) -> jax.Array:
-        """The block's output itself."""
-        return self.selected * self.scale + self.offset
 
 
 def _moments(sums: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
