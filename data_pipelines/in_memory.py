@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from data_pipelines.augment import augmentation_settings
-from data_pipelines.preprocessing import MediaError, Preprocessing, read_image_rgb, resize_image
+from data_pipelines.preprocessing import MediaError, Preprocessing, read_face_crop
 from data_pipelines.sources import FAKE, REAL, DataSource, LabelledFile, as_data_sources, load_sources
 from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, probe_images,
                                               train_examples, training_class_weights, training_counts,
@@ -71,7 +71,7 @@ def _decode_all(splits: dict[str, list[LabelledFile]], prep: Preprocessing
 
     def load(path: str) -> np.ndarray | str:
         try:
-            return resize_image(read_image_rgb(path), prep)
+            return read_face_crop(path, prep)
         except MediaError as err:
             return str(err)
 

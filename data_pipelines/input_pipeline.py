@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from data_pipelines.augment import augmentation_settings
 from data_pipelines.cache import CachedFile, build_face_cache, parse_record
-from data_pipelines.preprocessing import MediaError, Preprocessing, read_image_rgb, resize_image
+from data_pipelines.preprocessing import MediaError, Preprocessing, read_face_crop
 from data_pipelines.samples import clip_starts
 from data_pipelines.sources import FAKE, REAL, DataSource, LabelledFile, as_data_sources, load_sources
 from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, probe_images,
@@ -73,7 +73,7 @@ class _ImageFiles:
     def _load(self, path: bytes) -> np.ndarray:
         """uint8 (1, S, S, 3), or (0, S, S, 3) when the file turns out unreadable (logged)."""
         try:
-            return resize_image(read_image_rgb(path.decode()), self.prep)[None]
+            return read_face_crop(path.decode(), self.prep)[None]
         except MediaError as err:
             logging.warning("skipping unreadable training file: %s", err)
             return np.zeros((0,) + self.element_shape, np.uint8)

@@ -223,6 +223,12 @@ def probe_image(path: str | os.PathLike) -> tuple[int, int]:
         raise MediaError(f"{path}: {err}") from None
 
 
+def read_face_crop(path: str | os.PathLike, prep: Preprocessing) -> np.ndarray:
+    """A pre-cropped face image file as a model input: decoded and resized by the one rule, uint8 (S, S, 3).
+    Both training pipelines read their examples with it. Raises MediaError."""
+    return resize_image(read_image_rgb(path), prep)
+
+
 def resize_image(image_rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """The one resize rule: uint8 HxWx3 -> uint8 (S, S, 3) with ``prep.resize`` interpolation."""
     size = prep.image_size
