@@ -17,7 +17,7 @@ import pytest
 
 from data_pipelines.preprocessing import Preprocessing, media_kind
 from meso_jax import checkpoints, models, records, scan, scoring
-from conftest import png_declaring, random_model_variables
+from conftest import png_declaring, random_model_variables, write_video
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEST_PREPROCESSING = Preprocessing(face_detector="none", frames_per_video=4)
@@ -39,11 +39,8 @@ def _pattern(name: str, seed: int = 0) -> np.ndarray:
 
 
 def _write_video(path: pathlib.Path, frames: int = 6) -> None:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
-    assert writer.isOpened()
-    for index in range(frames):
-        writer.write(np.full((48, 64, 3), 20 + index * 25, np.uint8))
-    writer.release()
+    """A 64x48 mp4 of flat frames, each brighter than the one before."""
+    write_video(path, [np.full((48, 64, 3), 20 + index * 25, np.uint8) for index in range(frames)], fps=10)
 
 
 @pytest.fixture(scope="module")
