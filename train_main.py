@@ -44,10 +44,13 @@ def main(argv: list[str]) -> int:
     if not exporting_only and not (FLAGS.data_dir and FLAGS.workdir):
         raise app.UsageError("--data_dir and --workdir are required to train", exitcode=2)
 
-    # A normal run prints progress and results: library INFO lines (orbax's saves) only with an explicit
-    # --verbosity.
+    # A normal run prints progress and results: library INFO lines (orbax's saves) and TensorFlow's start-up
+    # notices only with an explicit --verbosity. TensorFlow runs tf.data here, none of the model's math, so
+    # its oneDNN kernels (whose notice ignores TF_CPP_MIN_LOG_LEVEL) are off unless the environment says.
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
     from meso_jax import host_memory
     host_memory.reuse_freed_memory()  # before the first large allocation
