@@ -127,15 +127,17 @@ def flax_contenders(variables: dict, batches: list[int], train_batch: int):
             loss.block_until_ready()
         return step
 
-    # flax_plain: the Flax module as is; jax_fused: its first block trained with meso_jax.cpu.fast_training
-    # (what train.py uses on CPU without oneDNN); jax_fused_all: all four blocks (what it uses with
-    # oneDNN); "_onednn": with oneDNN's convolutions (the default on CPU where the backend builds).
+    # flax_plain: the Flax module as is (--engine=xla: XLA's convolutions); "_onednn": the native engine, where
+    # flax_plain_onednn has oneDNN's convolutions, jax_fused_onednn its first block trained with
+    # meso_jax.cpu.fast_training too and jax_fused_all_onednn all four blocks (the default on CPU where the
+    # native library builds). The fused blocks exist only in the native engine (engine.fused_training_block).
     train = {}
     for suffix, use_onednn in backends.items():
         train[f"flax_plain{suffix}"] = make_train(module, use_onednn)
-        train[f"jax_fused{suffix}"] = make_train(module.clone(fused_first_block=True), use_onednn)
-        train[f"jax_fused_all{suffix}"] = make_train(module.clone(fused_first_block=True, fused_later_blocks=True),
-                                                     use_onednn)
+        if use_onednn:
+            train[f"jax_fused{suffix}"] = make_train(module.clone(fused_first_block=True), use_onednn)
+            train[f"jax_fused_all{suffix}"] = make_train(
+                module.clone(fused_first_block=True, fused_later_blocks=True), use_onednn)
     return infer, train
 
 
