@@ -17,6 +17,11 @@ OUTPUT_FORMATS = ("text", "json", "csv")
 CERTAINTY_BANDS = ((0.8, "very confident"), (0.5, "confident"), (0.2, "fairly confident"), (0.0, "uncertain"))
 
 
+def count_of(number: int, noun: str) -> str:
+    """"1 file", "2 files": ``number`` and ``noun``, plural unless it is one."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def verdict(score: float, threshold: float) -> str:
     """"real" when ``score`` (probability real) >= ``threshold``, else "fake"."""
     return "real" if score >= threshold else "fake"
@@ -134,9 +139,8 @@ class ScanSummary:
 
     def describe(self) -> str:
         """One line for the user, e.g. "scanned 5 files: 2 real, 2 fake, 1 error"."""
-        errors = f"{self.errors} error" + ("" if self.errors == 1 else "s")
-        files = f"{self.files} file" + ("" if self.files == 1 else "s")
-        return f"scanned {files}: {self.real} real, {self.fake} fake, {errors}"
+        return (f"scanned {count_of(self.files, 'file')}: {self.real} real, {self.fake} fake, "
+                f"{count_of(self.errors, 'error')}")
 
 
 class RecordWriter(Protocol):

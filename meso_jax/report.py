@@ -180,7 +180,8 @@ class HtmlReport:
         record = entry.record
         people = "".join(
             f"<li><span style='color:{PERSON_COLOURS[rank % len(PERSON_COLOURS)]}'>&#9632;</span> person #{rank + 1}: "
-            f"<span class={person.label}>{person.label} {person.score:.3f}</span>, {_count(person.frames, 'frame')}, "
+            f"<span class={person.label}>{person.label} {person.score:.3f}</span>, "
+            f"{records.count_of(person.frames, 'frame')}, "
             f"first seen at x={person.box[0]} y={person.box[1]} "
             f"({person.box[2]}&times;{person.box[3]} px)</li>" for rank, person in enumerate(record.people))
         chart = _frame_chart_svg(record, self.threshold) if record.kind == "video" else ""
@@ -188,14 +189,10 @@ class HtmlReport:
         return (f"<section class=file id='f{entry.index}'><h3>{html.escape(records.printable_path(record.path))}</h3>"
                 f"<p><span class={record.label}>{record.label}</span> {record.score:.4f} "
                 f"({html.escape(record.certainty)})"
-                f"{truth}; {record.kind}, {_count(record.faces, 'face')} scored of {_count(record.frames, 'frame')}."
+                f"{truth}; {record.kind}, {records.count_of(record.faces, 'face')} scored of "
+                f"{records.count_of(record.frames, 'frame')}."
                 f"{' The most fake person decides.' if len(record.people) > 1 else ''}</p><ul>{people}</ul>"
                 f"<div class=faces>{self._face_figures(entry)}</div>{chart}</section>")
-
-
-def _count(number: int, noun: str) -> str:
-    """"1 face", "2 faces"."""
-    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _frame_chart_svg(record: records.ScanRecord, threshold: float, width: int = 560, height: int = 150) -> str:

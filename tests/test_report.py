@@ -51,8 +51,6 @@ def small_scan(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path, list[recor
 
     options = scan.ScanOptions(threshold=0.5, keep_faces=True, workers=1)
     paths = list(scan.select_media(str(media)))
-    (root / "out").mkdir(exist_ok=True)
-    html_report.assets_dir.mkdir(exist_ok=True)
     scan.scan_files(paths, scorer, Preprocessing(face_detector="none", frames_per_video=6), options, keep)
     html_report.write()
     return media, html_report.path, records
