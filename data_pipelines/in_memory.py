@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipelines.augment import augmentation_settings
+from data_pipelines.augment import parse_augmentations, settings_for_source
 from data_pipelines.preprocessing import MediaError, Preprocessing, read_face_crop
 from data_pipelines.sources import FAKE, REAL, DataSource, LabelledFile, as_data_sources, load_sources
 from data_pipelines.training_examples import (check_arguments, class_weights, element_rng, probe_images,
@@ -137,9 +137,11 @@ class InMemoryData:
             images, labels, rows = [], [], []
             for sample in range(first // examples_per_sample, -(-last // examples_per_sample)):
                 index = int(indices[sample])
+                sample_file = self._train.files[stream[index]]
                 sample_images, sample_labels = train_examples(
-                    self._train.images[stream[index]], self._train.files[stream[index]].label,
-                    element_rng(seed, epoch, index), settings["augmentation"], settings["synthesize_fakes"])
+                    self._train.images[stream[index]], sample_file.label, element_rng(seed, epoch, index),
+                    settings_for_source(settings["augmentations"], sample_file.source_name),
+                    settings["synthesize_fakes"])
                 images.append(sample_images)
                 labels.append(sample_labels)
                 rows.append(np.full(len(sample_labels), stream[index]))
@@ -192,7 +194,7 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
         raise ValueError("the in-memory pipeline takes pre-cropped face images (--dataset=image "
                          "--face_detector=none); use --input_pipeline=tfdata")
     data_sources = as_data_sources(data)
-    augmentation = augmentation_settings(augment)
+    augmentations = parse_augmentations(augment, [s.name for s in data_sources])
     check_arguments(synthesize_fakes, batch_size, num_shards, shard_index)
     splits = load_sources(data_sources, ("image",), val_fraction, seed, require_fakes=synthesize_fakes is None)
     train_usable, skipped = probe_images(training_files(splits, synthesize_fakes))
@@ -209,7 +211,7 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
     train_count = real_count + fake_count
     val_real, val_fake = decoded["val"].counts()
     settings = {"seed": seed, "batch_size": batch_size, "num_shards": num_shards, "shard_index": shard_index,
-                "augmentation": augmentation, "synthesize_fakes": synthesize_fakes,
+                "augmentations": augmentations, "synthesize_fakes": synthesize_fakes,
                 "source_weights": source_weights, "paired": paired,
                 "train_weights": training_class_weights(real_count, fake_count, source_weights, paired),
                 "val_weights": class_weights(val_real, val_fake)}

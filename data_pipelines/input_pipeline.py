@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from data_pipelines.augment import augmentation_settings
+from data_pipelines.augment import parse_augmentations, settings_for_source
 from data_pipelines.cache import CachedFile, build_face_cache, parse_record
 from data_pipelines.preprocessing import MediaError, Preprocessing, read_face_crop
 from data_pipelines.samples import clip_starts
@@ -166,7 +166,8 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
     """Training and validation datasets for the labelled folder ``data``, or the named folders (see sources.py
     for layouts; several sources: every batch balanced by source and class, see training_examples.training_order).
 
-    dataset: "image" or "video". augment: a preset of augment.AUGMENTATIONS. Unreadable files (and files without a face) are skipped and listed in
+    dataset: "image" or "video". augment: a preset of augment.AUGMENTATIONS, or one per source
+    (augment.parse_augmentations). Unreadable files (and files without a face) are skipped and listed in
     ``skipped``. synthesize_fakes="sbi" trains on the real files plus one self-blended fake per real
     sample (fake files in the training split are not used). clip_frames=T yields (T, S, S, 3) clips.
     num_shards/shard_index give each host a disjoint, equally long part of every epoch and of val.
@@ -174,7 +175,7 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
     if dataset not in ("image", "video"):
         raise ValueError(f"unknown dataset {dataset!r}; choose image or video")
     data_sources = as_data_sources(data)
-    augmentation = augmentation_settings(augment)
+    augmentations = parse_augmentations(augment, [s.name for s in data_sources])
     check_arguments(synthesize_fakes, batch_size, num_shards, shard_index)
     if clip_frames is not None and clip_frames < 1:
         raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
@@ -208,6 +209,7 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
     logging.info("train: %d real + %d fake samples, class weights real=%.3f fake=%.3f", real_count, fake_count,
                  real_weight, fake_weight)
     element_shape = train_source.element_shape
+    source_of_path = {f.path: f.source_name for f in train_files}
 
     def weight_of(label: tf.Tensor) -> tf.Tensor:
         return tf.where(label > 0.5, real_weight, fake_weight)
@@ -221,17 +223,18 @@ def create_datasets(data: str | os.PathLike | list[DataSource], dataset: str, pr
             samples = train_source.samples(order, shuffle_seed=(seed & 0xFFFFFFFF) * 1009 + epoch)
         samples = samples.enumerate().shard(num_shards, shard_index)
 
-        def transform(indices, images, labels):
+        def transform(indices, images, labels, paths):
             """Up to SAMPLES_PER_CALL samples -> their training examples, stacked in order."""
             examples = [train_examples(images[k], float(labels[k]), element_rng(seed, epoch, int(indices[k])),
-                                       augmentation, synthesize_fakes) for k in range(len(indices))]
+                                       settings_for_source(augmentations, source_of_path[paths[k].decode()]),
+                                       synthesize_fakes) for k in range(len(indices))]
             return np.concatenate([e[0] for e in examples]), np.concatenate([e[1] for e in examples])
 
         def to_examples(indices, samples):
-            images, labels, _ = samples
-            if augmentation is None and synthesize_fakes is None:
+            images, labels, paths = samples
+            if all(settings is None for settings in augmentations.values()) and synthesize_fakes is None:
                 return images, labels
-            examples, example_labels = tf.numpy_function(transform, [indices, images, labels],
+            examples, example_labels = tf.numpy_function(transform, [indices, images, labels, paths],
                                                          (tf.uint8, tf.float32), stateful=False)
             return (tf.ensure_shape(examples, (None,) + element_shape),
                     tf.ensure_shape(example_labels, [None]))

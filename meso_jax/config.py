@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from data_pipelines.augment import AUGMENTATIONS
+from data_pipelines.augment import parse_augmentations
 
 DROPOUT_RATE = 0.5  # the classifier head's dropout in training (the paper's)
 TRAINABLE_MODELS = ("meso4", "mesoinception4", "meso4_video")
@@ -66,9 +66,11 @@ class TrainConfig:
     dataset: str = _setting("image", "Train on images or on faces sampled from videos.", ("image", "video"))
     val_fraction: float = _setting(0.1, "Validation share, split by source video, when the data has no val/ "
                                    "split.")
-    augment: str = _setting("flip", "Training augmentation: none; flip (horizontal, the shipped models'); jpeg "
-                            "(flip + JPEG re-compression); seed (rotation ±20°, shifts 0.2, flip); full (seed + "
-                            "brightness/contrast + JPEG re-compression).", tuple(AUGMENTATIONS))
+    augment: str = _setting("flip", "Training augmentation, one preset for every source or one per source of "
+                            "--data_dir (e.g. dfdc=resize,ffpp=light_jpeg): none; flip (horizontal, the shipped "
+                            "models'); jpeg (flip + JPEG re-compression, quality 60-95); light_jpeg (quality "
+                            "80-95); resize (jpeg + a round trip through 35-100% of the size); seed (rotation "
+                            "±20°, shifts 0.2, flip); full (seed + brightness/contrast + JPEG re-compression).")
     input_pipeline: str = _setting("tfdata", "tfdata: decode the files every epoch; memory: pre-cropped images "
                                    "(--face_detector=none) decoded once into RAM, same batches, no TensorFlow "
                                    "needed (for fast accelerators).", INPUT_PIPELINES)
@@ -101,6 +103,7 @@ class TrainConfig:
         if self.input_pipeline not in INPUT_PIPELINES:
             raise ValueError(f"unknown input_pipeline {self.input_pipeline!r}; choose one of "
                              f"{', '.join(INPUT_PIPELINES)}")
+        parse_augmentations(self.augment)  # the sources it names are checked against --data_dir's
         if self.keras_weights and self.init_checkpoint:
             raise ValueError("give either --keras_weights or --init_checkpoint, not both")
         if self.teacher:

@@ -61,3 +61,45 @@ def test_geometric_presets_move_pixels(preset: str) -> None:
     outcomes = _outcomes(preset, image, draws=10)
     assert all(out.shape == image.shape and out.dtype == np.uint8 for out in outcomes)
     assert all(not np.array_equal(out, image) and not np.array_equal(out, image[:, ::-1]) for out in outcomes)
+
+
+def _detail(image: np.ndarray) -> float:
+    """Mean absolute Laplacian: fine detail that a downscale round trip removes."""
+    return float(np.mean(np.abs(cv2.Laplacian(image.astype(np.float32), cv2.CV_32F))))
+
+
+def test_resize_preset_blurs_some_images_and_keeps_their_size() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # all detail: any round trip removes some
+    outcomes = _outcomes("resize", image)
+    assert all(out.shape == image.shape for out in outcomes)
+    details = np.array([_detail(out) for out in outcomes])
+    blurred = details < 0.8 * _detail(image)
+    assert 0 < blurred.sum() < len(outcomes)  # about half of the images go through a smaller size
+
+
+def test_light_jpeg_compresses_less_than_jpeg() -> None:
+    rng = np.random.default_rng(1)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), (3, 3), 0.8)
+
+    def worst_change(preset: str) -> float:
+        return max(min(np.mean(np.abs(out.astype(int) - image)), np.mean(np.abs(out.astype(int) - image[:, ::-1])))
+                   for out in _outcomes(preset, image))
+
+    assert augment.AUGMENTATIONS["light_jpeg"].jpeg_quality_range == (80, 95)
+    assert 0 < worst_change("light_jpeg") < worst_change("jpeg")
+
+
+def test_parse_augmentations_one_preset_or_one_per_source() -> None:
+    everywhere = augment.parse_augmentations("jpeg", ["dfdc", "ffpp"])
+    assert augment.settings_for_source(everywhere, "ffpp") == augment.AUGMENTATIONS["jpeg"]
+    per_source = augment.parse_augmentations("dfdc=resize, ffpp=light_jpeg", ["dfdc", "ffpp"])
+    assert augment.settings_for_source(per_source, "dfdc") == augment.AUGMENTATIONS["resize"]
+    assert augment.settings_for_source(per_source, "ffpp") == augment.AUGMENTATIONS["light_jpeg"]
+    assert augment.settings_for_source(augment.parse_augmentations("a=none", ["a"]), "a") is None
+    for bad, names, message in (("blur", None, "unknown augmentation 'blur'"), ("a=blur", None, "unknown"),
+                                ("a=jpeg,a=flip", None, "twice"), ("a=", None, "source=preset"),
+                                ("a=jpeg,c=flip", ["a", "b"], "c, not a source"),
+                                ("a=jpeg", ["a", "b"], "no preset for source b")):
+        with pytest.raises(ValueError, match=message):
+            augment.parse_augmentations(bad, names)

@@ -186,3 +186,26 @@ def test_video_sources_train_from_the_face_cache_with_validation_per_source(tmp_
     assert set(data.val_source_names.values()) == {"first", "second"}
     val_paths = [p.decode() for batch in data.val.as_numpy_iterator() for p in batch["path"]]
     assert {data.val_source_names[p] for p in val_paths} == {"first", "second"}
+
+
+def test_augmentation_per_source(two_sources):
+    # "big" trains on its plain pixels, "small" mirrored or not: both pipelines agree, batch for batch.
+    spec = "big=none,small=flip"
+    streamed = input_pipeline.create_datasets(two_sources, "image", SMALL, batch_size=4, seed=3, augment=spec)
+    held = in_memory.create_datasets(two_sources, "image", SMALL, batch_size=4, seed=3, augment=spec)
+    held_batches = list(held.train_batches(0))
+    assert_same_batches(list(input_pipeline.train_dataset_for_epoch(streamed, 0).as_numpy_iterator()), held_batches)
+    plain = in_memory.create_datasets(two_sources, "image", SMALL, batch_size=4, seed=3, augment="none")
+    plain_images = np.concatenate([b["image"] for b in plain.train_batches(0)])
+    small_images = {plain._train.images[i].tobytes() for i, f in enumerate(plain._train.files)
+                    if f.source_name == "small"}
+    big_images = {plain._train.images[i].tobytes() for i, f in enumerate(plain._train.files) if f.source_name == "big"}
+    mirrored = 0
+    for image in np.concatenate([b["image"] for b in held_batches]):
+        if image.tobytes() in big_images:
+            continue
+        assert image.tobytes() in small_images or image[:, ::-1].tobytes() in small_images
+        mirrored += image.tobytes() not in small_images
+    assert mirrored > 0 and len(plain_images) == sum(len(b["image"]) for b in held_batches)
+    with pytest.raises(ValueError, match="no preset for source small"):
+        in_memory.create_datasets(two_sources, "image", SMALL, batch_size=4, seed=3, augment="big=flip")
