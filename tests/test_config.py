@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from absl import flags
 
 from meso_jax import config, models
@@ -22,6 +23,13 @@ def test_every_setting_is_a_flag_with_the_dataclass_default_and_back():
     made = config.from_flags(flag_values, preprocessing={})
     assert (made.dropout_rate, made.augment, made.progress_bar, made.epochs, made.decay_epochs) == (0.0, "jpeg", False,
                                                                                                     3, 2)
+    flag_values(["train_main", "--augment=dfdc=resize,ffpp=light_jpeg"])
+    assert config.from_flags(flag_values, preprocessing={}).augment == "dfdc=resize,ffpp=light_jpeg"
+
+
+def test_a_bad_augmentation_fails_when_the_configuration_is_made():
+    with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
+        config.TrainConfig(augment="dfdc=blur")
 
 
 def test_the_trainable_models_are_the_registered_single_networks():
