@@ -7,8 +7,8 @@ upscaled to the crop, such as DFDC's), "seed" (the seed's Keras ImageDataGenerat
 +-20 degrees, width/height shifts 0.2, horizontal flip, bilinear interpolation) and "full" (seed plus
 brightness/contrast jitter and JPEG re-compression). ``--augment`` takes one preset for every source or
 one per named source (``parse_augmentations``). A clip (T, S, S, 3) gets one set of parameters for all
-its frames. OpenCV runs these ~10x faster than the equivalent TensorFlow image ops on CPU and releases the GIL, so they run
-in parallel inside tf.data's numpy_function calls.
+its frames. OpenCV runs these ~10x faster than the equivalent TensorFlow image ops on CPU and releases
+the GIL, so they run in parallel inside tf.data's numpy_function calls.
 """
 
 from __future__ import annotations
