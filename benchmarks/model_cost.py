@@ -1,6 +1,6 @@
 """Time per face of the shipped models as the scanner scores crops (flip averaging on), interleaved.
 
-    python3 benchmarks/model_cost.py [--models=checkpoints/meso4,checkpoints/meso4x2] [--batch_size=32] \
+    python3 benchmarks/model_cost.py [--models=checkpoints/meso4,checkpoints/meso4x4] [--batch_size=32] \
         [--rounds=3] [--output=FILE.json]
 
 Each model scores the same batch of face crops through ``load_detector(...).score_faces``: resizing, both
@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks import common  # noqa: E402
 from meso_jax import load_detector  # noqa: E402
 
-DEFAULT_MODELS = ("checkpoints/meso4", "checkpoints/meso4x2", "checkpoints/mesoinception4", "checkpoints/ensemble")
+DEFAULT_MODELS = ("checkpoints/meso4", "checkpoints/meso4x2", "checkpoints/meso4x4", "checkpoints/mesoinception4",
+                  "checkpoints/ensemble")
 
 
 def main() -> None:

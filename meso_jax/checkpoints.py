@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from meso_jax import models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "meso4x2"  # the best shipped model on its worst source (model card)
+DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "meso4x4"  # the best shipped model on its worst source (model card)
 LABEL_CONVENTION = "score = sigmoid(logit) = probability that the content is REAL (1 real, 0 fake)"
 WORKDIR_CHECKPOINTS = "checkpoints"
 BEST_METRIC = "val_selection"  # validation.selection_metrics: worst source AUC, AUC, or minus loss

@@ -1,7 +1,7 @@
 """The public Python API: a loaded detector that scores face crops and scans files, as predict_main does.
 
     from meso_jax import load_detector
-    detector = load_detector()                      # the shipped default (checkpoints/meso4x2)
+    detector = load_detector()                      # the shipped default (checkpoints/meso4x4)
     scores = detector.score_faces(faces)            # RGB uint8 crops, any size -> probability REAL
     for record in detector.scan(["clip.mp4", "photos/"], face_detector="haar", frames=32):
         print(record["score"], record["label"], record["path"])
